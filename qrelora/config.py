@@ -124,14 +124,18 @@ class QuantConfig:
     """Storage of the frozen base weights: 4-bit (NF4/FP4), 8-bit blockwise, or 16-bit."""
     type: Literal["nf4", "fp4"] = "nf4"
     """4-bit code."""
-    blocksize: int = 64
-    """Values per quantization block."""
+    blocksize: int = 0
+    """Values per quantization block; 0 picks 64 for 4-bit and 256 for 8-bit."""
     double_quant: bool = True
     """Quantize the 4-bit block scales too (saves ~0.05 byte per parameter)."""
     merge: Literal["exact", "error_feedback", "stochastic", "naive"] = "exact"
     """How adapter updates are folded into the quantized base at each restart."""
     master: Literal["memory", "mmap"] = "memory"
     """Where the exact-merge master copy lives: host memory, or a memory-mapped file in the run directory."""
+
+    @property
+    def effective_blocksize(self) -> int:
+        return self.blocksize or (256 if self.bits == 8 else 64)
 
 
 @dataclass
@@ -348,16 +352,16 @@ def validate(r: Recipe) -> list[str]:
         relora_steps = t.steps - rl.warm_start_steps
         if rl.restart_every >= 1 and relora_steps > 0 and relora_steps % rl.restart_every:
             need(False, "relora", "restart_every",
-                 f"must divide the ReLoRA phase (training.steps - relora.warm_start_steps = {relora_steps}) so the "
-                 "run ends on a merge")
+                 f"must divide the ReLoRA phase (training.steps - relora.warm_start_steps = {relora_steps}) so "
+                 "every cycle is whole")
         if rl.warm_start_steps == 0:
             need(t.warmup_steps < rl.restart_every, "training", "warmup_steps",
                  f"must be shorter than the first cycle (relora.restart_every = {rl.restart_every})")
         need(0 <= rl.reset_ratio <= 1, "relora", "reset_ratio", "must be in [0, 1]")
-    if q.bits == 4:
+    if q.bits == 4 and q.blocksize:
         need(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant", "blocksize",
              "must be a power of two in 32..4096 for 4-bit storage")
-    elif q.bits == 8:
+    elif q.bits == 8 and q.blocksize:
         need(q.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quant", "blocksize",
              "must be a power of two in 64..4096 for 8-bit storage")
 

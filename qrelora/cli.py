@@ -1,0 +1,91 @@
+"""The `qrelora` command line. Exit codes: 0 done, 2 bad input (nothing trained or written),
+130 interrupted, 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qrelora", description="ReLoRA pre-training on 4-bit / 8-bit quantized weights.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train a model from a TOML recipe",
+                       description="Train from a recipe. Override any key with --section.key=value, "
+                                   "e.g. --training.steps=30 --relora.rank=64.")
+    t.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
+    t.add_argument("--no-live", action="store_true", help="plain log lines even on a terminal")
+    m = sub.add_parser("memory", help="estimate peak memory of a recipe and the largest micro-batch that fits")
+    m.add_argument("recipe")
+    m.add_argument("--budget", default="24GiB")
+    m.add_argument("--measure", type=int, default=0, metavar="STEPS")
+    m.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="loss and perplexity of a checkpoint or model directory on held-out data")
+    e.add_argument("path")
+    e.add_argument("--data")
+    e.add_argument("--json", action="store_true")
+    x = sub.add_parser("export", help="write a merged Hugging Face model from a checkpoint")
+    x.add_argument("checkpoint")
+    x.add_argument("out_dir")
+    return p
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`--section.key=value` arguments are recipe overrides; everything else goes to argparse."""
+    overrides, rest = [], []
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        (overrides if "." in name else rest).append(arg)
+    return overrides, rest
+
+
+def _quiet_dependencies() -> None:
+    """Silence start-up warnings users cannot act on (torch deprecations inside bitsandbytes, etc.)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import load_recipe
+    from .train import train
+
+    recipe = load_recipe(args.recipe, overrides)
+    train(recipe)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides, rest = _split_overrides(argv)
+    args = _parser().parse_args(rest)  # exits with 2 and a usage line on bad arguments
+    if overrides and args.command != "train" and args.command != "memory":
+        print(f"qrelora {args.command}: recipe overrides ({overrides[0]}) only apply to train and memory",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _quiet_dependencies()
+    from .config import RecipeError
+    from .data import DataError
+
+    try:
+        if args.command == "train":
+            return cmd_train(args, overrides)
+        print(f"qrelora {args.command}: not implemented yet", file=sys.stderr)
+        return EXIT_ERROR
+    except (RecipeError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

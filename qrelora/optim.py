@@ -1,0 +1,136 @@
+"""Optimizers (torch AdamW, bitsandbytes 8-bit and paged 8-bit AdamW) and the partial reset of the
+adapters' Adam moments at ReLoRA restarts."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .config import OptimConfig
+
+
+def resolve_optimizer_name(cfg: OptimConfig, device_type: str) -> str:
+    if cfg.name != "auto":
+        return cfg.name
+    # On CPU the 8-bit step is plain torch code, ~7x slower than torch's AdamW (platform.md).
+    return "paged_adamw8bit" if device_type == "cuda" else "adamw"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (adapters, embeddings, head); never norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
+    name = resolve_optimizer_name(cfg, device_type)
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, **kwargs)
+    from .quant import bnb_functional
+
+    bnb_functional()  # silences bitsandbytes' CPU import noise
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    with warnings.catch_warnings():
+        # Paged optimizers warn that they fall back to ordinary memory on CPU; nothing a user can act on.
+        warnings.simplefilter("ignore")
+        return cls(groups, **kwargs)
+
+
+def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
+    """Hand the state of parameters present in both optimizers to the new one (used when the trainable
+    set changes at the warm-start switch: embeddings, norms and head keep their moments)."""
+    params = {id(p) for g in new.param_groups for p in g["params"]}
+    for p, state in old.state.items():
+        if id(p) in params:
+            new.state[p] = state
+
+
+# --------------------------------------------------------------------------------------------------
+# Partial reset of the adapters' moments
+
+
+def _moments(state: dict) -> tuple[str, str] | None:
+    if "exp_avg" in state:
+        return "exp_avg", "exp_avg_sq"
+    if "state1" in state:
+        return "state1", "state2"
+    return None
+
+
+def _decoded(state: dict, key: str) -> Tensor:
+    """A moment as fp32 values, decoding bitsandbytes' blockwise 8-bit form (code[i] * absmax[block])."""
+    t = state[key]
+    if t.dtype != torch.uint8:
+        return t.float()
+    suffix = key[-1]
+    qmap, absmax = state["qmap" + suffix], state["absmax" + suffix]
+    values = qmap[t.reshape(-1).long()]
+    blocksize = -(-values.numel() // absmax.numel())
+    pad = (-values.numel()) % blocksize
+    values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax[:, None]
+    return values.view(-1)[: t.numel()].view(t.shape)
+
+
+def _zero_entries(state: dict, key: str, mask: Tensor) -> None:
+    """Set the masked entries of a moment to exactly zero. For 8-bit states this writes the index of the
+    code's exact-zero entry, leaving every kept entry's code untouched (a requantization would decode a
+    zero as ~1e-5 x absmax and perturb the kept values)."""
+    t = state[key]
+    if t.dtype == torch.uint8:
+        zero_index = int((state["qmap" + key[-1]] == 0).nonzero()[0])
+        t.masked_fill_(mask, zero_index)
+    else:
+        t.masked_fill_(mask, 0.0)
+
+
+@torch.no_grad()
+def prune_adapter_moments(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], mode: str, ratio: float,
+                          generator: torch.Generator | None = None) -> float:
+    """Zero a share of the Adam moments of `params` (the adapters), with ONE mask per tensor for both
+    moments; the step count is kept. Returns the share of moment entries that are zero afterwards.
+
+    One mask matters: an entry whose first moment survives while its second was zeroed takes a step of
+    about m / eps. Pruning the moments independently made a small ReLoRA run diverge (method.md).
+    """
+    zero = total = 0
+    for p in params:
+        state = optimizer.state.get(p)
+        keys = _moments(state) if state else None
+        if keys is None:
+            continue
+        m1_key, m2_key = keys
+        m1 = _decoded(state, m1_key)
+        if mode == "none":
+            mask = torch.zeros_like(m1, dtype=torch.bool)
+        elif mode == "zero" or ratio >= 1.0:
+            mask = torch.ones_like(m1, dtype=torch.bool)
+        elif mode == "magnitude":
+            k = int(round(ratio * m1.numel()))
+            mask = torch.zeros(m1.numel(), dtype=torch.bool, device=m1.device)
+            if k > 0:
+                mask[torch.topk(m1.abs().view(-1), k, largest=False).indices] = True
+            mask = mask.view(m1.shape)
+        elif mode == "random":
+            u = torch.rand(m1.shape, generator=generator, device="cpu").to(m1.device)
+            mask = u < ratio
+        else:
+            raise ValueError(f"unknown reset mode {mode!r}")
+        _zero_entries(state, m1_key, mask)
+        _zero_entries(state, m2_key, mask)
+        both_zero = (_decoded(state, m1_key) == 0) & (_decoded(state, m2_key) == 0)
+        zero += int(both_zero.sum())
+        total += m1.numel()
+    return zero / total if total else 0.0

@@ -1,0 +1,406 @@
+"""Storage of frozen weights (bitsandbytes 4-bit / 8-bit codes, or plain 16-bit) and the merge modes.
+
+A `Codec` turns a full-precision matrix into a dict of packed tensors and back. `FrozenWeight` holds one
+packed matrix as buffers, plus whatever its merge mode needs off the accelerator (the exact master copy or
+the rounding residual), and folds adapter updates into itself with `merge`.
+
+Why the merge modes exist (measured in method.md): requantizing `dequantize(W_q) + delta` loses every part
+of `delta` smaller than a quantization step, and most of each late-training update is that small.
+"exact" keeps a full-precision master in host memory and stores `quantize(master)`; "error_feedback"
+keeps only the rounding residual; "stochastic" rounds without bias and keeps nothing; "naive" is the
+counter-example.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_bnb_functional = None
+
+
+def bnb_functional():
+    """bitsandbytes.functional, imported on first use with its CPU start-up noise silenced."""
+    global _bnb_functional
+    if _bnb_functional is None:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+        # Paged optimizers warn on their first CPU step that they fall back to ordinary memory: nothing a
+        # user can act on.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes.functional as F
+        _bnb_functional = F
+    return _bnb_functional
+
+
+# --------------------------------------------------------------------------------------------------
+# Codecs
+
+
+class Codec:
+    """Packs a 2-D float matrix into tensors and back. Subclasses define the storage format."""
+
+    name = "codec"
+
+    def quantize(self, w: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, packed: dict[str, Tensor], shape: torch.Size, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def quantize_stochastic(self, w: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def codes(self, packed: dict[str, Tensor]) -> Tensor:
+        """The stored code of every value (for "share of codes changed by a merge")."""
+        raise NotImplementedError
+
+
+class DenseCodec(Codec):
+    """Plain 16-bit (or fp32) storage: the unquantized ReLoRA reference."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+    def quantize(self, w):
+        return {"weight": w.to(self.dtype).contiguous()}
+
+    def dequantize(self, packed, shape, dtype):
+        return packed["weight"].to(dtype)
+
+    def quantize_stochastic(self, w, generator):
+        if self.dtype != torch.bfloat16:
+            return self.quantize(w)
+        # bf16 is fp32 with the low 16 bits cut: adding uniform noise to those bits before cutting rounds
+        # up with probability equal to the discarded fraction, i.e. without bias.
+        bits = w.float().contiguous().view(torch.int32)
+        noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, device="cpu", dtype=torch.int32)
+        rounded = ((bits + noise.to(bits.device)) & ~0xFFFF).view(torch.float32)
+        return {"weight": rounded.to(torch.bfloat16)}
+
+    def codes(self, packed):
+        return packed["weight"].view(torch.int16)
+
+
+class CodebookCodec(Codec):
+    """Blockwise absmax quantization to a 16- or 256-entry code (bitsandbytes layouts).
+
+    Dequantization is `code[index] * scale[block]`. bitsandbytes' kernels do it fast on CUDA and on CPU
+    when rows are whole blocks; otherwise it runs here in plain torch, which also avoids the CPU kernel's
+    wrong results when in_features is a multiple of 16 but not of the blocksize (platform.md).
+    """
+
+    blocksize: int
+    code: Tensor
+
+    def indices(self, packed) -> Tensor:
+        raise NotImplementedError
+
+    def scales(self, packed) -> Tensor:
+        raise NotImplementedError
+
+    def pack_indices(self, idx: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def codes(self, packed):
+        return self.indices(packed)
+
+    def dequantize_reference(self, packed, shape, dtype):
+        code = packed["code"].to(torch.float32)
+        values = code[self.indices(packed)]
+        n = values.numel()
+        pad = (-n) % self.blocksize
+        if pad:
+            values = torch.nn.functional.pad(values, (0, pad))
+        out = values.view(-1, self.blocksize) * self.scales(packed)[:, None]
+        return out.view(-1)[:n].view(shape).to(dtype)
+
+    def quantize_stochastic(self, w, generator):
+        """Round each value to one of its two neighbouring code points, up with probability equal to the
+        distance travelled: E[dequantize(q)] = w inside each block's range."""
+        packed = self.quantize(w)
+        scales = self.scales(packed)
+        flat = w.float().reshape(-1)
+        n = flat.numel()
+        pad = (-n) % self.blocksize
+        v = torch.nn.functional.pad(flat, (0, pad)).view(-1, self.blocksize) / scales.clamp_min(1e-30)[:, None]
+        v = v.view(-1)[:n].clamp(-1, 1)
+        code = packed["code"].to(torch.float32)
+        sorted_code, order = torch.sort(code)
+        lo = (torch.searchsorted(sorted_code, v, right=True) - 1).clamp(0, len(code) - 2)
+        lo_val, hi_val = sorted_code[lo], sorted_code[lo + 1]
+        p_up = ((v - lo_val) / (hi_val - lo_val).clamp_min(1e-12)).clamp(0, 1)
+        u = torch.rand(n, generator=generator, device="cpu").to(v.device)
+        pos = lo + (u < p_up).long()
+        return self.pack_indices(order[pos], packed)
+
+
+class FourBitCodec(CodebookCodec):
+    """NF4 / FP4, two codes per byte (high nibble first), optional double quantization of the scales."""
+
+    def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True):
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.name = quant_type
+
+    def quantize(self, w):
+        F = bnb_functional()
+        q, st = F.quantize_4bit(w.contiguous(), blocksize=self.blocksize, quant_type=self.quant_type,
+                                compress_statistics=self.double_quant)
+        packed = {"packed": q, "absmax": st.absmax, "code": st.code}
+        if st.nested:
+            packed |= {"nested_absmax": st.state2.absmax, "nested_code": st.state2.code,
+                       "offset": st.offset.reshape(1)}
+        return packed
+
+    def _quant_state(self, packed, shape, dtype):
+        F = bnb_functional()
+        nested = None
+        if "nested_absmax" in packed:
+            nested = F.QuantState(absmax=packed["nested_absmax"], code=packed["nested_code"],
+                                  blocksize=256, dtype=torch.float32)
+        return F.QuantState(absmax=packed["absmax"], shape=shape, code=packed["code"], blocksize=self.blocksize,
+                            quant_type=self.quant_type, dtype=dtype,
+                            offset=packed["offset"][0] if nested is not None else None, state2=nested)
+
+    def dequantize(self, packed, shape, dtype):
+        if packed["packed"].is_cuda or shape[-1] % self.blocksize == 0:
+            return bnb_functional().dequantize_4bit(packed["packed"], self._quant_state(packed, shape, dtype))
+        return self.dequantize_reference(packed, shape, dtype)
+
+    def scales(self, packed):
+        if "nested_absmax" not in packed:
+            return packed["absmax"].float()
+        nested_absmax = packed["nested_absmax"].float()
+        values = packed["nested_code"].float()[packed["absmax"].long()]
+        n = values.numel()
+        values = torch.nn.functional.pad(values, (0, (-n) % 256)).view(-1, 256) * nested_absmax[:, None]
+        return values.view(-1)[:n] + packed["offset"].float()
+
+    def indices(self, packed):
+        flat = packed["packed"].view(-1)
+        return torch.stack([flat >> 4, flat & 15], dim=1).view(-1).long()
+
+    def pack_indices(self, idx, like):
+        if idx.numel() % 2:
+            idx = torch.nn.functional.pad(idx, (0, 1))
+        pairs = idx.view(-1, 2).to(torch.uint8)
+        return like | {"packed": ((pairs[:, 0] << 4) | pairs[:, 1]).view(like["packed"].shape)}
+
+
+class EightBitCodec(CodebookCodec):
+    """8-bit blockwise with bitsandbytes' *linear signed* code. The default dynamic code is asymmetric
+    (-0.993 .. +1.0) and shrinks weights ~0.7% per requantization (platform.md); the linear one is symmetric."""
+
+    name = "int8"
+
+    def __init__(self, blocksize: int = 256):
+        self.blocksize = blocksize
+        self._code = None
+
+    def quantize(self, w):
+        F = bnb_functional()
+        if self._code is None or self._code.device != w.device:
+            self._code = F.create_linear_map(signed=True).to(w.device)
+        q, st = F.quantize_blockwise(w.contiguous(), code=self._code, blocksize=self.blocksize)
+        return {"codes": q, "absmax": st.absmax, "code": st.code}
+
+    def dequantize(self, packed, shape, dtype):
+        if packed["codes"].is_cuda:
+            F = bnb_functional()
+            st = F.QuantState(absmax=packed["absmax"], code=packed["code"], blocksize=self.blocksize,
+                              dtype=torch.float32)
+            return F.dequantize_blockwise(packed["codes"], quant_state=st).view(shape).to(dtype)
+        return self.dequantize_reference(packed, shape, dtype)
+
+    def scales(self, packed):
+        return packed["absmax"].float()
+
+    def indices(self, packed):
+        return packed["codes"].view(-1).long()
+
+    def pack_indices(self, idx, like):
+        return like | {"codes": idx.to(torch.uint8).view(like["codes"].shape)}
+
+
+def make_codec(bits: int, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+               dense_dtype: torch.dtype = torch.bfloat16) -> Codec:
+    if bits == 4:
+        return FourBitCodec(quant_type, blocksize, double_quant)
+    if bits == 8:
+        return EightBitCodec(blocksize)
+    return DenseCodec(dense_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The frozen weight and its merges
+
+MERGE_MODES = ("exact", "error_feedback", "stochastic", "naive")
+
+
+class HostTensor:
+    """A float32 tensor kept off the accelerator: in host memory, or in a memory-mapped file (7B-class
+    masters are larger than many desktops' RAM; the page cache then holds only what a merge touches)."""
+
+    def __init__(self, value: Tensor, mmap_path: Path | None = None):
+        value = value.detach().to("cpu", torch.float32)
+        if mmap_path is None:
+            self.tensor = value.clone()
+        else:
+            mmap_path.parent.mkdir(parents=True, exist_ok=True)
+            self.tensor = torch.from_file(str(mmap_path), shared=True, size=value.numel(),
+                                          dtype=torch.float32).view(value.shape)
+            self.tensor.copy_(value)
+
+
+class FrozenWeight(nn.Module):
+    """One frozen matrix in its storage format, merged into by `merge(delta)`.
+
+    The packed tensors are buffers (they move with the model and appear in its state_dict under their own
+    names, so a state_dict restores the exact codes and statistics). The master copy or residual is not a
+    buffer, because it must stay in host memory when the model moves to the GPU; it is added to the
+    state_dict by hand.
+    """
+
+    def __init__(self, weight: Tensor, codec: Codec, merge: str = "exact", mmap_path: Path | None = None,
+                 seed: int = 0):
+        super().__init__()
+        if merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
+        self.codec, self.merge_mode = codec, merge
+        self.shape = weight.shape
+        self.seed = seed
+        self.merges_done = 0
+        w = weight.detach().float()
+        self._set_packed(codec.quantize(w))
+        self.host: HostTensor | None = None
+        if merge == "exact":
+            self.host = HostTensor(w, mmap_path)
+        elif merge == "error_feedback":
+            self.host = HostTensor(w - self.dequantize(torch.float32))
+
+    def _set_packed(self, packed: dict[str, Tensor]) -> None:
+        for name, t in packed.items():
+            if name in self._buffers and self._buffers[name].shape == t.shape:
+                self._buffers[name] = t
+            else:
+                self.register_buffer(name, t)
+
+    def stored(self) -> dict[str, Tensor]:
+        """The packed tensors (codes and statistics) by name."""
+        return dict(self._buffers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.codec.dequantize(self.stored(), self.shape, dtype)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def packed_bytes(self) -> int:
+        """Bytes this weight occupies on its device (codes and statistics)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    @torch.no_grad()
+    def merge(self, delta: Tensor) -> dict[str, float]:
+        """Fold `delta` (same shape, any float dtype, on the weight's device) into the stored weight.
+
+        Needs at most one extra matrix of fp32 workspace on the accelerator. Returns the share of stored
+        codes that changed.
+        """
+        old_codes = self.codec.codes(self.stored())
+        delta = delta.float()
+        if self.merge_mode == "exact":
+            master = self.host.tensor
+            master.add_(delta.to(master.device))
+            self._set_packed(self.codec.quantize(master.to(self.device)))
+        elif self.merge_mode == "error_feedback":
+            target = self.dequantize(torch.float32).add_(self.host.tensor.to(self.device)).add_(delta)
+            self._set_packed(self.codec.quantize(target))
+            self.host.tensor.copy_(target.sub_(self.dequantize(torch.float32)))
+        elif self.merge_mode == "stochastic":
+            # Seeded by layer and merge count: every data-parallel rank draws the same rounding.
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges_done)
+            target = self.dequantize(torch.float32).add_(delta)
+            self._set_packed(self.codec.quantize_stochastic(target, gen))
+        else:  # naive
+            self._set_packed(self.codec.quantize(self.dequantize(torch.float32).add_(delta)))
+        self.merges_done += 1
+        changed = (self.codec.codes(self.stored()) != old_codes).float().mean().item()
+        return {"codes_changed": changed}
+
+    def full_precision(self) -> Tensor:
+        """The best full-precision value this weight knows: the master, stored + residual, or stored."""
+        if self.merge_mode == "exact":
+            return self.host.tensor.clone()
+        if self.merge_mode == "error_feedback":
+            return self.dequantize(torch.float32).cpu() + self.host.tensor
+        return self.dequantize(torch.float32).cpu()
+
+    # The host-side tensor travels in the state_dict under "host" so checkpoints restore it exactly.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.host is not None:
+            destination[prefix + "host"] = self.host.tensor
+        destination[prefix + "merges_done"] = torch.tensor(self.merges_done)
+        destination[prefix + "seed"] = torch.tensor(self.seed)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        expected = dict(self._buffers) | ({"host": self.host.tensor} if self.host is not None else {})
+        mismatched = [name for name, t in expected.items()
+                      if prefix + name in state_dict and state_dict[prefix + name].shape != t.shape]
+        for name in mismatched:
+            error_msgs.append(f"{prefix + name}: checkpoint shape {tuple(state_dict[prefix + name].shape)} != "
+                              f"{tuple(expected[name].shape)} (a checkpoint of another model shape or quantization "
+                              "setting)")
+        if mismatched:
+            return
+        if self.host is not None:
+            key = prefix + "host"
+            if key in state_dict:
+                self.host.tensor.copy_(state_dict[key])
+            elif strict:
+                missing_keys.append(key)
+        if prefix + "merges_done" in state_dict:
+            self.merges_done = int(state_dict[prefix + "merges_done"])
+        if prefix + "seed" in state_dict:
+            self.seed = int(state_dict[prefix + "seed"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for extra in ("host", "merges_done", "seed"):
+            if prefix + extra in unexpected_keys:
+                unexpected_keys.remove(prefix + extra)
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """y = x @ W^T for a frozen stored W. Saves nothing but a reference to the packed weight and
+    dequantizes again in backward, so no full-size copy of W outlives the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, frozen: FrozenWeight) -> Tensor:
+        ctx.frozen = frozen
+        ctx.x_dtype = x.dtype
+        return x @ frozen.dequantize(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        w = ctx.frozen.dequantize(grad_out.dtype)
+        return (grad_out @ w).to(ctx.x_dtype), None
+
+
+def frozen_linear(x: Tensor, frozen: FrozenWeight) -> Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return _FrozenLinearFn.apply(x, frozen)

@@ -1,0 +1,134 @@
+"""ReLoRA adapter layers: a frozen (quantized) base plus a trainable low-rank delta, merged at restarts."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import QuantConfig, ReLoRAConfig
+from .quant import Codec, FrozenWeight, frozen_linear, make_codec
+
+# The linears of a LLaMA block that carry adapters; embeddings, norms and the head stay full-rank.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ReLoRALinear(nn.Module):
+    """y = x W^T + s * B A dropout(x) + bias, with W frozen in its storage format and A, B trainable.
+
+    A is Kaiming-uniform and B zero, so a fresh adapter leaves the layer's function unchanged (and A still
+    receives gradient: with both zero, as in the reference code's HEAD, nothing is learnt in the first cycle).
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float, codec: Codec,
+                 merge: str = "exact", mmap_path: Path | None = None, seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rank, self.scale = rank, alpha / rank
+        device = linear.weight.device
+        self.base = FrozenWeight(linear.weight.data, codec, merge, mmap_path=mmap_path, seed=seed)
+        self.bias = nn.Parameter(linear.bias.data.float()) if linear.bias is not None else None
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta(self) -> Tensor:
+        """The adapter's current update s * B @ A (fp32)."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = frozen_linear(x, self.base)
+        y = y + self.scale * nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    @torch.no_grad()
+    def merge_and_reinit(self) -> dict[str, float]:
+        """Fold s*B@A into the base, then start a fresh adapter. Returns merge statistics."""
+        delta = self.delta()
+        w_norm = self.base.dequantize(torch.float32).norm().item()
+        stats = self.base.merge(delta)
+        stats["update_ratio"] = delta.norm().item() / max(w_norm, 1e-12)
+        self.reset_adapter()
+        return stats
+
+    def logical_numel(self) -> int:
+        return self.base.numel()
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}, "
+                f"storage={self.base.codec.name}, merge={self.base.merge_mode}")
+
+
+def dense_dtype_for(training_dtype: str) -> torch.dtype:
+    """16-bit storage keeps the base in bf16, or in fp32 when training in fp32 (the exact reference)."""
+    return torch.bfloat16 if training_dtype == "bf16" else torch.float32
+
+
+def codec_for(quant: QuantConfig, training_dtype: str = "bf16") -> Codec:
+    return make_codec(quant.bits, quant.type, quant.effective_blocksize, quant.double_quant, dense_dtype_for(training_dtype))
+
+
+def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",
+                 mmap_dir: Path | None = None, seed: int = 0) -> list[ReLoRALinear]:
+    """Replace every attention / MLP linear with a ReLoRALinear, one layer at a time (so converting a model
+    on the GPU needs one layer of workspace), and freeze everything those layers replaced."""
+    codec = codec_for(quant, training_dtype)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
+    layers = []
+    for i, (name, linear) in enumerate(targets):
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
+        layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
+                             mmap_path=mmap_path, seed=seed * 100003 + i)
+        setattr(parent, child, layer)
+        del linear
+        layers.append(layer)
+    return layers
+
+
+def adapter_layers(model: nn.Module) -> list[ReLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
+
+
+@dataclass
+class MergeReport:
+    seconds: float
+    layers: int
+    update_ratio: float
+    """Mean ||s*B@A|| / ||W|| over layers."""
+    codes_changed: float
+    """Share of stored base-weight codes the merge changed (mean over layers)."""
+
+
+@torch.no_grad()
+def merge_and_reinit(model: nn.Module) -> MergeReport:
+    """Merge every adapter of the model into its base and re-initialise it."""
+    t0 = time.perf_counter()
+    stats = [layer.merge_and_reinit() for layer in adapter_layers(model)]
+    n = max(len(stats), 1)
+    return MergeReport(
+        seconds=time.perf_counter() - t0,
+        layers=len(stats),
+        update_ratio=sum(s["update_ratio"] for s in stats) / n,
+        codes_changed=sum(s["codes_changed"] for s in stats) / n,
+    )
+
+
+def frozen_bytes(model: nn.Module) -> tuple[int, int]:
+    """(accelerator-resident bytes of all frozen base weights, their number of parameters)."""
+    layers = adapter_layers(model)
+    return sum(l.base.packed_bytes() for l in layers), sum(l.base.numel() for l in layers)

@@ -1,0 +1,68 @@
+"""Optimizers and the partial reset of adapter moments."""
+
+import pytest
+import torch
+from torch import nn
+
+from qrelora.config import OptimConfig
+from qrelora.optim import _decoded, build_optimizer, prune_adapter_moments
+
+OPTIMIZERS = ["adamw", "adamw8bit", "paged_adamw8bit"]
+
+
+def trained(name, steps=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 8))  # 16384 values: 8-bit states are quantized
+    opt = build_optimizer(OptimConfig(name=name), model, 1e-3, "cpu")
+    for _ in range(steps):
+        model(torch.randn(16, 256)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def moments(opt, p):
+    state = opt.state[p]
+    keys = ("exp_avg", "exp_avg_sq") if "exp_avg" in state else ("state1", "state2")
+    return _decoded(state, keys[0]), _decoded(state, keys[1])
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("mode,ratio,expected", [("magnitude", 0.99, 0.99), ("magnitude", 0.9, 0.9),
+                                                 ("random", 0.9, 0.9), ("zero", 0.5, 1.0), ("none", 0.9, 0.0)])
+def test_reset_fraction_is_what_was_asked_and_really_zero(name, mode, ratio, expected):
+    model, opt = trained(name)
+    target, other = model[0].weight, model[1].weight
+    m1_before, m2_before = moments(opt, target)
+    other_before = [m.clone() for m in moments(opt, other)]
+    step_before = opt.state[target]["step"]
+    reported = prune_adapter_moments(opt, [target], mode, ratio, torch.Generator().manual_seed(0))
+    m1, m2 = moments(opt, target)
+    measured = ((m1 == 0) & (m2 == 0)).float().mean().item()
+    assert reported == pytest.approx(measured)
+    assert measured == pytest.approx(expected, abs=0.01)
+    # one mask: no entry keeps a first moment while its second moment was zeroed, or the reverse
+    assert not ((m1 != 0) & (m2 == 0)).any() and not ((m1 == 0) & (m2 != 0)).any()
+    # kept entries are untouched (8-bit codes are not requantized)
+    kept = m1 != 0
+    assert torch.equal(m1[kept], m1_before[kept]) and torch.equal(m2[kept], m2_before[kept])
+    if mode == "magnitude" and 0 < measured < 1:
+        assert m1_before[kept].abs().min() >= m1_before[~kept].abs().max()
+    # other parameters and the step count are left alone
+    assert all(torch.equal(a, b) for a, b in zip(other_before, moments(opt, other)))
+    assert opt.state[target]["step"] == step_before
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_keeps_training_after_a_reset(name):
+    model, opt = trained(name)
+    prune_adapter_moments(opt, [model[0].weight, model[0].bias], "magnitude", 0.99)
+    x = torch.randn(16, 256)
+    losses = []
+    for _ in range(5):
+        loss = model(x).square().mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

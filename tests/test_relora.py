@@ -1,0 +1,161 @@
+"""The adapter layer and whole-model merges."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qrelora.config import ModelConfig, QuantConfig, ReLoRAConfig
+from qrelora.models import build_model
+from qrelora.quant import DenseCodec, FourBitCodec
+from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
+
+VOCAB, SEQ = 256, 32
+
+
+def tiny_model(seed=0):
+    return build_model(ModelConfig(preset="custom", hidden_size=64, num_layers=2, num_heads=4, mlp_size=96),
+                       VOCAB, SEQ, seed=seed)
+
+
+def relora_model(bits, merge="exact", dtype="fp32", seed=0, rank=8):
+    model = tiny_model(seed)
+    add_adapters(model, ReLoRAConfig(enabled=True, rank=rank, alpha=16, dropout=0.0),
+                 QuantConfig(bits=bits, merge=merge), training_dtype=dtype, seed=seed)
+    return model
+
+
+def randomize_adapters(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model):
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+
+
+def tokens(seed=0, batch=2):
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def test_adapter_layer_equals_linear_with_merged_weight():
+    lin = nn.Linear(96, 64, bias=True)
+    layer = ReLoRALinear(lin, rank=8, alpha=16, dropout=0.0, codec=DenseCodec(torch.float32))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    ref = nn.Linear(96, 64)
+    with torch.no_grad():
+        ref.weight.copy_(lin.weight + layer.scale * layer.lora_B @ layer.lora_A)
+        ref.bias.copy_(lin.bias)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_adapter_leaves_the_layer_unchanged_and_a_is_not_zero():
+    lin = nn.Linear(64, 64, bias=False)
+    layer = ReLoRALinear(lin, rank=4, alpha=8, dropout=0.0, codec=DenseCodec(torch.float32))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), lin(x))
+    assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
+
+
+def test_merge_leaves_16bit_model_function_unchanged():
+    model = relora_model(16, dtype="fp32")
+    randomize_adapters(model)
+    x = tokens()
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        report = merge_and_reinit(model)
+        after = model(input_ids=x).logits
+    assert report.layers == 14 and report.update_ratio > 0
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    assert all(l.lora_B.abs().sum() == 0 for l in adapter_layers(model))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_merge_equals_model_built_from_quantized_master(bits):
+    model = relora_model(bits, merge="exact")
+    randomize_adapters(model)
+    x = tokens()
+    model.eval()
+    with torch.no_grad():
+        merge_and_reinit(model)
+        merged = model(input_ids=x).logits
+    # An independent model: plain LLaMA whose linears hold dequantize(quantize(master)).
+    reference = tiny_model()
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if k in reference.state_dict()},
+                              strict=False)
+    layers = dict(model.named_modules())
+    codec = adapter_layers(model)[0].base.codec
+    with torch.no_grad():
+        for name, module in reference.named_modules():
+            if isinstance(layers.get(name), ReLoRALinear):
+                master = layers[name].base.full_precision()
+                module.weight.copy_(codec.dequantize(codec.quantize(master), master.shape, torch.float32))
+        expected = reference.eval()(input_ids=x).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_adapters_get_gradients_through_activation_checkpointing(bits):
+    model = relora_model(bits, dtype="bf16")
+    for name, p in model.named_parameters():
+        assert p.requires_grad
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):  # B starts at zero, so A's gradient is zero until B has moved once
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens(step), labels=tokens(step)).loss
+        loss.backward()
+        if step == 1:
+            for layer in adapter_layers(model):
+                assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+
+
+def test_eval_without_grad_does_not_corrupt_4bit_weights():
+    """bitsandbytes' Linear4bit repacks its weight in place on AVX-512-bf16 CPUs during a no-grad eval
+    forward, after which training is wrong (platform.md). Our layer must be immune."""
+    model = relora_model(4)
+    layer = adapter_layers(model)[0]
+    before = {k: v.clone() for k, v in layer.base.stored().items()}
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=tokens())
+    assert all(torch.equal(before[k], v) for k, v in layer.base.stored().items())
+
+
+def test_frozen_base_and_trainables():
+    model = relora_model(4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    assert any("norm" in n for n in trainable)
+    assert not any(n.endswith("proj.weight") for n, _ in model.named_parameters())
+    packed, n = frozen_bytes(model)
+    assert n == 2 * (4 * 64 * 64 + 3 * 64 * 96)
+
+
+@pytest.mark.parametrize("bits,merge", [(4, "exact"), (4, "error_feedback"), (8, "stochastic"), (16, "exact")])
+def test_model_state_dict_round_trip(bits, merge):
+    a = relora_model(bits, merge)
+    randomize_adapters(a)
+    merge_and_reinit(a)
+    randomize_adapters(a, seed=5)
+    b = relora_model(bits, merge, seed=7)
+    b.load_state_dict(a.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(input_ids=x).logits, b.eval()(input_ids=x).logits, rtol=0, atol=0)
+        merge_and_reinit(a), merge_and_reinit(b)
+        torch.testing.assert_close(a(input_ids=x).logits, b(input_ids=x).logits, rtol=0, atol=0)
+
+
+def test_4bit_layer_on_bug_shape_matches_dequantized_reference():
+    lin = nn.Linear(96, 32, bias=False)  # 96: multiple of 16, not of the blocksize 64
+    layer = ReLoRALinear(lin, rank=4, alpha=4, dropout=0.0, codec=FourBitCodec("nf4", 64, True), merge="naive")
+    x = torch.randn(3, 96)
+    w = layer.base.dequantize()
+    assert ((w - lin.weight).norm() / lin.weight.norm()).item() < 0.1
+    torch.testing.assert_close(layer(x), x @ w.t(), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,54 @@
+"""The jagged cosine schedule, checked against its definition at every step."""
+
+import math
+
+import pytest
+
+from qrelora.schedule import JaggedCosine
+
+
+def reference_lr(s, lr, total, warmup, min_ratio, every, rw, start):
+    """The schedule written out from method.md, independently of the implementation."""
+    if s < warmup:
+        env = lr * s / warmup
+    else:
+        progress = (s - warmup) / (total - warmup)
+        env = lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if every and s >= start:
+        k, pos = divmod(s - start, every)
+        if k > 0 or start > 0:
+            env *= min(1.0, pos / rw)
+    return env
+
+
+@pytest.mark.parametrize("start", [0, 20])
+def test_every_step_matches_the_formula(start):
+    args = dict(lr=1e-3, total=120, warmup=10, min_ratio=0.1, every=25, rw=5, start=start)
+    sched = JaggedCosine(lr=1e-3, total_steps=120, warmup_steps=10, min_lr_ratio=0.1, restart_every=25,
+                         restart_warmup=5, relora_start=start)
+    for s in range(120):
+        assert sched(s) == pytest.approx(reference_lr(s, **args), abs=1e-15), s
+
+
+def test_restarts_drop_to_zero_and_merge_follows_the_zero_step():
+    sched = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1, restart_every=20,
+                         restart_warmup=4)
+    merges = [s for s in range(100) if sched.merges_after(s)]
+    assert merges == [20, 40, 60, 80]
+    for s in merges:
+        assert sched(s) == 0.0                          # the step just before each merge moves nothing
+        assert sched(s - 1) > 0.5 * sched.envelope(s - 1)  # the other side of the restart is on the envelope
+        assert sched(s + 1) == pytest.approx(sched.envelope(s + 1) / 4)
+        assert sched(s + 4) == pytest.approx(sched.envelope(s + 4))
+    assert sched(0) == 0.0 and sched(10) == pytest.approx(1.0)
+    assert sched.envelope(99) == pytest.approx(0.1, rel=0.01)
+
+
+def test_warm_start_switch_rewarms_and_full_rank_has_no_restarts():
+    sched = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1, restart_every=20,
+                         restart_warmup=4, relora_start=40)
+    assert sched(40) == 0.0 and sched(39) > 0
+    assert [s for s in range(100) if sched.merges_after(s)] == [60, 80]
+    plain = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert not any(plain.merges_after(s) for s in range(100))
+    assert all(plain(s) == plain.envelope(s) for s in range(100))
