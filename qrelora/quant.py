@@ -247,17 +247,17 @@ MERGE_MODES = ("exact", "error_feedback", "stochastic", "naive")
 
 
 class HostTensor:
-    """A float32 tensor kept off the accelerator: in host memory, or in a memory-mapped file (7B-class
+    """A tensor kept off the accelerator: in host memory, or in a memory-mapped file (7B-class
     masters are larger than many desktops' RAM; the page cache then holds only what a merge touches)."""
 
-    def __init__(self, value: Tensor, mmap_path: Path | None = None):
-        value = value.detach().to("cpu", torch.float32)
+    def __init__(self, value: Tensor, mmap_path: Path | None = None, dtype: torch.dtype = torch.float32):
+        value = value.detach().to("cpu", dtype)
         if mmap_path is None:
             self.tensor = value.clone()
         else:
             mmap_path.parent.mkdir(parents=True, exist_ok=True)
             self.tensor = torch.from_file(str(mmap_path), shared=True, size=value.numel(),
-                                          dtype=torch.float32).view(value.shape)
+                                          dtype=dtype).view(value.shape)
             self.tensor.copy_(value)
 
 
@@ -285,7 +285,9 @@ class FrozenWeight(nn.Module):
         if merge == "exact":
             self.host = HostTensor(w, mmap_path)
         elif merge == "error_feedback":
-            self.host = HostTensor(w - self.dequantize(torch.float32))
+            # The residual is below one quantization step, so bf16 keeps it to ~3 significant digits at
+            # half the host memory of a master copy.
+            self.host = HostTensor(w - self.dequantize(torch.float32), dtype=torch.bfloat16)
 
     def _set_packed(self, packed: dict[str, Tensor]) -> None:
         for name, t in packed.items():
@@ -316,36 +318,43 @@ class FrozenWeight(nn.Module):
     def merge(self, delta: Tensor) -> dict[str, float]:
         """Fold `delta` (same shape, any float dtype, on the weight's device) into the stored weight.
 
-        Needs at most one extra matrix of fp32 workspace on the accelerator. Returns the share of stored
-        codes that changed.
+        Pass the only reference to `delta` (e.g. `merge(adapter.delta())`): the exact mode moves it to the
+        host and frees it before the master comes back, so a merge needs one fp32 matrix of accelerator
+        workspace on top of the packed weight. Returns ||delta|| / ||W|| and the share of stored codes
+        that changed.
         """
         old_codes = self.codec.codes(self.stored())
-        delta = delta.float()
+        delta_norm = delta.float().norm().item()
         if self.merge_mode == "exact":
             master = self.host.tensor
-            master.add_(delta.to(master.device))
+            master.add_(delta.to(master.device, torch.float32))
+            del delta
+            w_norm = master.norm().item()
             self._set_packed(self.codec.quantize(master.to(self.device)))
-        elif self.merge_mode == "error_feedback":
-            target = self.dequantize(torch.float32).add_(self.host.tensor.to(self.device)).add_(delta)
-            self._set_packed(self.codec.quantize(target))
-            self.host.tensor.copy_(target.sub_(self.dequantize(torch.float32)))
-        elif self.merge_mode == "stochastic":
-            # Seeded by layer and merge count: every data-parallel rank draws the same rounding.
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges_done)
+        else:
             target = self.dequantize(torch.float32).add_(delta)
-            self._set_packed(self.codec.quantize_stochastic(target, gen))
-        else:  # naive
-            self._set_packed(self.codec.quantize(self.dequantize(torch.float32).add_(delta)))
+            del delta
+            if self.merge_mode == "error_feedback":
+                target.add_(self.host.tensor.to(self.device))
+            w_norm = target.norm().item()
+            if self.merge_mode == "stochastic":
+                # Seeded by layer and merge count: every data-parallel rank draws the same rounding.
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges_done)
+                self._set_packed(self.codec.quantize_stochastic(target, gen))
+            else:
+                self._set_packed(self.codec.quantize(target))
+            if self.merge_mode == "error_feedback":
+                self.host.tensor.copy_(target.sub_(self.dequantize(torch.float32)))
         self.merges_done += 1
         changed = (self.codec.codes(self.stored()) != old_codes).float().mean().item()
-        return {"codes_changed": changed}
+        return {"codes_changed": changed, "update_ratio": delta_norm / max(w_norm, 1e-12)}
 
     def full_precision(self) -> Tensor:
         """The best full-precision value this weight knows: the master, stored + residual, or stored."""
         if self.merge_mode == "exact":
             return self.host.tensor.clone()
         if self.merge_mode == "error_feedback":
-            return self.dequantize(torch.float32).cpu() + self.host.tensor
+            return self.dequantize(torch.float32).cpu() + self.host.tensor.float()
         return self.dequantize(torch.float32).cpu()
 
     # The host-side tensor travels in the state_dict under "host" so checkpoints restore it exactly.

@@ -56,10 +56,7 @@ class ReLoRALinear(nn.Module):
     @torch.no_grad()
     def merge_and_reinit(self) -> dict[str, float]:
         """Fold s*B@A into the base, then start a fresh adapter. Returns merge statistics."""
-        delta = self.delta()
-        w_norm = self.base.dequantize(torch.float32).norm().item()
-        stats = self.base.merge(delta)
-        stats["update_ratio"] = delta.norm().item() / max(w_norm, 1e-12)
+        stats = self.base.merge(self.delta())  # the only reference, so the merge can free it early
         self.reset_adapter()
         return stats
 
@@ -81,9 +78,13 @@ def codec_for(quant: QuantConfig, training_dtype: str = "bf16") -> Codec:
 
 
 def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",
-                 mmap_dir: Path | None = None, seed: int = 0) -> list[ReLoRALinear]:
-    """Replace every attention / MLP linear with a ReLoRALinear, one layer at a time (so converting a model
-    on the GPU needs one layer of workspace), and freeze everything those layers replaced."""
+                 mmap_dir: Path | None = None, seed: int = 0, device: torch.device | str | None = None
+                 ) -> list[ReLoRALinear]:
+    """Replace every attention / MLP linear with a ReLoRALinear, one layer at a time.
+
+    With `device` set, each linear is moved there just before it is quantized, so a model held in host
+    memory is converted on the GPU with one fp32 layer of accelerator workspace (a 7B model in fp32 does
+    not fit a 24 GB card; its NF4 form does)."""
     codec = codec_for(quant, training_dtype)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
@@ -92,6 +93,8 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
+        if device is not None:
+            linear.to(device)
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
                              mmap_path=mmap_path, seed=seed * 100003 + i)
         setattr(parent, child, layer)

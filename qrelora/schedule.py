@@ -32,25 +32,28 @@ class JaggedCosine:
         return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
 
     def restart_ramp(self, step: int) -> float:
-        """0 at the first step of every restarted cycle, rising linearly to 1 over restart_warmup steps.
+        """The jagged part: 0 on the last step of every cycle (the step just before its merge moves no
+        weights), then a linear ramp over restart_warmup steps back to the envelope.
 
-        The first cycle restarts only when it follows a full-rank warm start; with no warm start the
-        global warm-up already covers it.
+        The first cycle ramps only when it follows a full-rank warm start; with no warm start the global
+        warm-up already covers it.
         """
-        if self.restart_every <= 0 or self.restart_warmup <= 0 or step < self.relora_start:
+        if self.restart_every <= 0 or step < self.relora_start:
             return 1.0
+        if self.merges_after(step):
+            return 0.0
         cycle, pos = divmod(step - self.relora_start, self.restart_every)
-        if cycle == 0 and self.relora_start == 0:
+        if self.restart_warmup <= 0 or (cycle == 0 and self.relora_start == 0):
             return 1.0
-        return min(1.0, pos / self.restart_warmup)
+        return min(1.0, (pos + 1) / self.restart_warmup)
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
         return self.envelope(step) * self.restart_ramp(step)
 
     def merges_after(self, step: int) -> bool:
-        """Whether adapters are merged right after optimizer step `step`: after the zero-learning-rate step
-        that opens every cycle but the first, so the step just before a merge moves no weights."""
-        if self.restart_every <= 0 or step <= self.relora_start:
+        """Whether adapters are merged right after optimizer step `step` (0-based): at the end of every
+        cycle of the ReLoRA phase, the last one included, so a run ends with everything merged."""
+        if self.restart_every <= 0 or step < self.relora_start:
             return False
-        return (step - self.relora_start) % self.restart_every == 0
+        return (step + 1 - self.relora_start) % self.restart_every == 0

@@ -52,12 +52,10 @@ class ReLoRAPhase:
     def switch_due(self, step: int) -> bool:
         return self.enabled and not self.active and step >= self.cfg.warm_start_steps
 
-    def convert(self, model: nn.Module) -> None:
+    def convert(self, model: nn.Module, device: torch.device) -> None:
         """Freeze the attention / MLP linears into their storage format and attach fresh adapters."""
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
-                     mmap_dir=self.run_dir / "master", seed=self.seed)
-        for layer in adapter_layers(model):
-            layer.to(layer.lora_A.device)
+                     mmap_dir=self.run_dir / "master", seed=self.seed, device=device)
         self.active = True
 
     def adapter_params(self, model: nn.Module) -> list[torch.Tensor]:
@@ -108,9 +106,9 @@ class Trainer:
         model = build_model(recipe.model, vocab_size=len(self.tokenizer), seq_len=recipe.data.seq_len, seed=t.seed,
                             eos_id=self.tokenizer.eos_token_id)
         if t.activation_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if self.relora.switch_due(0):
-            self.relora.convert(model)
+            self.relora.convert(model, self.device)
         self._prepare(model)
 
     # ----------------------------------------------------------------------------------------------
@@ -131,7 +129,7 @@ class Trainer:
         old_optimizer = self.optimizer
         model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         self.accelerator.free_memory()  # drops the DDP wrapper, which holds the replaced weights' buffers
-        self.relora.convert(model)
+        self.relora.convert(model, self.device)
         self._prepare(model, old_optimizer)
         del old_optimizer
         self._event({"event": "relora_start", "switch_s": time.perf_counter() - t0},
@@ -250,6 +248,16 @@ class Trainer:
             self.metrics.close()
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder block: with frozen inputs the reentrant kind silently
+    drops the adapters' gradients (platform.md)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train(recipe: Recipe, log: PlainLog | None = None) -> dict:

@@ -9,6 +9,7 @@ from torch import nn
 from qrelora.config import ModelConfig, QuantConfig, ReLoRAConfig
 from qrelora.models import build_model
 from qrelora.quant import DenseCodec, FourBitCodec
+from qrelora.train import enable_activation_checkpointing
 from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
 
 VOCAB, SEQ = 256, 32
@@ -101,7 +102,7 @@ def test_adapters_get_gradients_through_activation_checkpointing(bits):
     model = relora_model(bits, dtype="bf16")
     for name, p in model.named_parameters():
         assert p.requires_grad
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(model)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(2):  # B starts at zero, so A's gradient is zero until B has moved once

@@ -16,8 +16,10 @@ def reference_lr(s, lr, total, warmup, min_ratio, every, rw, start):
         env = lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     if every and s >= start:
         k, pos = divmod(s - start, every)
+        if pos == every - 1:
+            return 0.0  # the last step of a cycle, just before its merge
         if k > 0 or start > 0:
-            env *= min(1.0, pos / rw)
+            env *= min(1.0, (pos + 1) / rw)
     return env
 
 
@@ -34,12 +36,13 @@ def test_restarts_drop_to_zero_and_merge_follows_the_zero_step():
     sched = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1, restart_every=20,
                          restart_warmup=4)
     merges = [s for s in range(100) if sched.merges_after(s)]
-    assert merges == [20, 40, 60, 80]
+    assert merges == [19, 39, 59, 79, 99]  # 0-based: after the 20th, 40th, ... 100th step
     for s in merges:
         assert sched(s) == 0.0                          # the step just before each merge moves nothing
-        assert sched(s - 1) > 0.5 * sched.envelope(s - 1)  # the other side of the restart is on the envelope
-        assert sched(s + 1) == pytest.approx(sched.envelope(s + 1) / 4)
-        assert sched(s + 4) == pytest.approx(sched.envelope(s + 4))
+        assert sched(s - 1) > 0.5 * sched.envelope(s - 1)  # the step before it is on the envelope
+        if s < 99:
+            assert sched(s + 1) == pytest.approx(sched.envelope(s + 1) / 4)  # the ramp after it
+            assert sched(s + 4) == pytest.approx(sched.envelope(s + 4))
     assert sched(0) == 0.0 and sched(10) == pytest.approx(1.0)
     assert sched.envelope(99) == pytest.approx(0.1, rel=0.01)
 
@@ -47,8 +50,8 @@ def test_restarts_drop_to_zero_and_merge_follows_the_zero_step():
 def test_warm_start_switch_rewarms_and_full_rank_has_no_restarts():
     sched = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1, restart_every=20,
                          restart_warmup=4, relora_start=40)
-    assert sched(40) == 0.0 and sched(39) > 0
-    assert [s for s in range(100) if sched.merges_after(s)] == [60, 80]
+    assert sched(40) == pytest.approx(sched.envelope(40) / 4) and sched(39) == sched.envelope(39)
+    assert [s for s in range(100) if sched.merges_after(s)] == [59, 79, 99]
     plain = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert not any(plain.merges_after(s) for s in range(100))
     assert all(plain(s) == plain.envelope(s) for s in range(100))

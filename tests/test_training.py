@@ -1,0 +1,82 @@
+"""ReLoRA training dynamics through the real trainer: schedule, merges, resets, warm start."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from qrelora.config import load_recipe
+from qrelora.monitor import PlainLog
+from qrelora.train import Trainer
+
+from test_schedule import reference_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = ["--model.preset=custom", "--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=4",
+         "--model.mlp_size=128", "--data.seq_len=64", "--data.eval_tokens=2048", "--training.micro_batch_size=4",
+         "--training.log_every=1", "--training.eval_every=0", "--relora.rank=8", "--relora.alpha=16"]
+
+
+def run(tmp_path, *overrides):
+    recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [f"--run.output_dir={tmp_path}", *SMALL, *overrides])
+    out = io.StringIO()
+    result = Trainer(recipe, PlainLog(out)).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return recipe, result, records, out.getvalue()
+
+
+@pytest.mark.slow
+def test_schedule_merges_and_warm_start_in_a_real_run(tmp_path):
+    recipe, result, records, log = run(tmp_path, "--training.steps=40", "--training.warmup_steps=4",
+                                       "--relora.warm_start_steps=10", "--relora.restart_every=10",
+                                       "--relora.restart_warmup=3")
+    t = recipe.training
+    steps = [r for r in records if "lr" in r]
+    assert [r["step"] for r in steps] == list(range(1, 41))
+    for r in steps:  # record "step" counts steps done; the lr is that of 0-based step r["step"] - 1
+        expected = reference_lr(r["step"] - 1, t.lr, t.steps, t.warmup_steps, t.min_lr_ratio, 10, 3, 10)
+        assert r["lr"] == pytest.approx(expected, abs=1e-12), r["step"]
+    switch = [r for r in records if r.get("event") == "relora_start"]
+    assert [r["step"] for r in switch] == [10]  # exactly at the configured step
+    merges = [r for r in records if r.get("event") == "merge"]
+    assert [r["step"] for r in merges] == [20, 30, 40]
+    by_step = {r["step"]: r for r in steps}
+    for m in merges:
+        assert by_step[m["step"]]["lr"] == 0.0      # the step just before a merge
+        assert by_step[m["step"] - 1]["lr"] > 0     # the other side of the restart
+        assert m["moments_zeroed"] == pytest.approx(0.99, abs=0.005)
+        assert 0 < m["update_ratio"] < 1 and 0 < m["codes_changed"] < 1 and m["merge_s"] >= 0
+    assert "switched to ReLoRA at step 10" in log and "merge 3 after step 40" in log
+    assert result["last_eval_loss"] < result["first_eval_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reset", ["magnitude", "random", "zero", "none"])
+def test_several_restarts_with_each_reset_mode_do_not_diverge(tmp_path, reset):
+    _, result, records, _ = run(tmp_path, f"--relora.reset={reset}", "--training.steps=48",
+                                "--training.warmup_steps=4", "--relora.warm_start_steps=12",
+                                "--relora.restart_every=6", "--relora.restart_warmup=2", "--training.lr=3e-3")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(math.isfinite(x) for x in losses)
+    merges = [r for r in records if r.get("event") == "merge"]
+    assert len(merges) == 6
+    expected_zeroed = {"magnitude": 0.99, "random": 0.99, "zero": 1.0, "none": 0.0}[reset]
+    assert all(m["moments_zeroed"] == pytest.approx(expected_zeroed, abs=0.01) for m in merges)
+    # after the switch the loss keeps falling: the mean over the last cycle is below that at the switch
+    after_switch = losses[12:18]
+    assert sum(losses[-6:]) / 6 < sum(after_switch) / 6
+    assert result["last_eval_loss"] < result["first_eval_loss"] - 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits,merge,optim", [(8, "error_feedback", "adamw8bit"), (16, "stochastic", "adamw"),
+                                              (4, "naive", "paged_adamw8bit")])
+def test_other_storage_merge_and_optimizer_combinations_train(tmp_path, bits, merge, optim):
+    _, result, records, _ = run(tmp_path, f"--quant.bits={bits}", f"--quant.merge={merge}", f"--optim.name={optim}",
+                                "--training.steps=24", "--training.warmup_steps=2", "--relora.warm_start_steps=0",
+                                "--relora.restart_every=8", "--relora.restart_warmup=2")
+    assert len([r for r in records if r.get("event") == "merge"]) == 3
+    assert result["last_eval_loss"] < result["first_eval_loss"]
