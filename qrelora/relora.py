@@ -86,15 +86,17 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
     memory is converted on the GPU with one fp32 layer of accelerator workspace (a 7B model in fp32 does
     not fit a 24 GB card; its NF4 form does)."""
     codec = codec_for(quant, training_dtype)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
+    # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
     layers = []
-    for i, (name, linear) in enumerate(targets):
+    for i, name in enumerate(names):
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
+        linear = getattr(parent, child)
         if device is not None:
             linear.to(device)
+        mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
                              mmap_path=mmap_path, seed=seed * 100003 + i)
         setattr(parent, child, layer)

@@ -1,0 +1,107 @@
+"""The quantized layers on CUDA (bitsandbytes' GPU kernels). Skipped on machines without CUDA."""
+
+import pytest
+import torch
+
+from qrelora.config import QuantConfig, ReLoRAConfig
+from qrelora.quant import DenseCodec, EightBitCodec, FourBitCodec, FrozenWeight
+from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
+from qrelora.train import enable_activation_checkpointing
+
+from test_relora import randomize_adapters, tiny_model, tokens
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+CODECS = {"nf4": lambda: FourBitCodec("nf4", 64, True), "fp4": lambda: FourBitCodec("fp4", 64, False),
+          "int8": lambda: EightBitCodec(256)}
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_cuda_kernels_agree_with_reference_and_cpu(name):
+    w = torch.randn(512, 96 * 4, generator=torch.Generator().manual_seed(0)) * 0.02
+    codec = CODECS[name]()
+    packed = codec.quantize(w.to(CUDA))
+    fast = codec.dequantize(packed, w.shape, torch.float32)
+    reference = codec.dequantize_reference(packed, w.shape, torch.float32)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-7)
+    cpu = codec.dequantize(codec.quantize(w), w.shape, torch.float32)
+    torch.testing.assert_close(fast.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_exact_merge_on_cuda_keeps_master_on_host(name):
+    w = torch.randn(256, 512, device=CUDA) * 0.02
+    frozen = FrozenWeight(w, CODECS[name](), "exact")
+    assert frozen.host.tensor.device.type == "cpu" and frozen.device.type == "cuda"
+    delta = torch.randn_like(w) * 1e-3
+    frozen.merge(delta.clone())
+    expected = frozen.codec.quantize(w + delta)
+    torch.testing.assert_close(frozen.full_precision(), (w + delta).cpu(), rtol=0, atol=1e-7)
+    for key, t in expected.items():
+        assert torch.equal(frozen.stored()[key], t), key
+
+
+def test_exact_merge_of_a_1b3_layer_needs_one_layer_of_workspace():
+    w = torch.randn(5461, 2048, device=CUDA) * 0.02
+    frozen = FrozenWeight(w, FourBitCodec("nf4", 64, True), "exact")
+    del w
+    layer_fp32 = 5461 * 2048 * 4
+    delta = torch.randn(5461, 2048, device=CUDA) * 1e-4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    frozen.merge(delta)  # the only reference is handed over... except this test's `delta`
+    del delta
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 1.25 * layer_fp32, extra / layer_fp32
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bytes_per_parameter_on_cuda(bits):
+    model = tiny_model()
+    add_adapters(model, ReLoRAConfig(enabled=True, rank=4), QuantConfig(bits=bits), device=CUDA)
+    packed, n = frozen_bytes(model)
+    assert all(t.is_cuda for l in adapter_layers(model) for t in l.base.stored().values())
+    assert packed / n <= {4: 0.53, 8: 1.07}[bits] + 0.02  # tiny layers: the 1 KiB code table weighs more
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_training_step_and_merge_on_cuda(bits):
+    model = tiny_model()
+    add_adapters(model, ReLoRAConfig(enabled=True, rank=8, alpha=16, dropout=0.0), QuantConfig(bits=bits),
+                 training_dtype="bf16", device=CUDA)
+    model.to(CUDA)
+    enable_activation_checkpointing(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = tokens().to(CUDA)
+    for step in range(2):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        if step == 1:
+            for layer in adapter_layers(model):
+                assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        before = model(input_ids=x).logits.float()
+        merge_and_reinit(model)
+        after = model(input_ids=x).logits.float()
+    # bf16 compute: the merge moves the stored weight by at most one rounding of its format
+    assert ((after - before).norm() / before.norm()).item() < {4: 0.1, 8: 0.02, 16: 0.01}[bits]
+
+
+def test_16bit_fp32_merge_is_exact_on_cuda():
+    model = tiny_model()
+    add_adapters(model, ReLoRAConfig(enabled=True, rank=8, alpha=16, dropout=0.0), QuantConfig(bits=16),
+                 training_dtype="fp32", device=CUDA)
+    model.to(CUDA).eval()
+    randomize_adapters(model)
+    x = tokens().to(CUDA)
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        merge_and_reinit(model)
+        after = model(input_ids=x).logits
+    assert ((after - before).norm() / before.norm()).item() < 1e-5

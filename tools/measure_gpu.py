@@ -1,0 +1,151 @@
+"""Measure a big recipe on the GPU: peak memory and throughput of ReLoRA next to a full-rank baseline.
+
+    python tools/measure_gpu.py --tokenizer DIR [--recipe recipes/1b3_24gb.toml] [--steps 20] [--with-7b]
+    python tools/measure_gpu.py --dry-run          # the same plumbing on CPU with a tiny model (tested)
+
+Each variant runs `--steps` optimizer steps of the recipe (one micro-batch per step, merges every
+steps/2, so two merges) in its own process, on the built-in sample text tokenized with --tokenizer (a
+32000-entry LLaMA-style tokenizer stands in for t5-base when the hub is out of reach; the vocabulary, not
+the text, sets the logits' size). Reported: CUDA peak allocated and reserved, tokens/s over the steps
+after the first three (merge steps excluded), and merge time. The baseline trains the same shape and
+micro-batch full-rank (fp32 weights, bf16 autocast, 8-bit AdamW, activation checkpointing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+DRY_RUN = ["--model.preset=custom", "--model.hidden_size=128", "--model.num_layers=2", "--model.num_heads=4",
+           "--model.mlp_size=256", "--data.seq_len=64", "--training.micro_batch_size=4", "--training.device=cpu",
+           "--data.tokenizer=sample", "--relora.rank=8"]
+
+
+def variants(with_7b: bool) -> dict[str, list[str]]:
+    v = {
+        "ReLoRA, NF4 base (recipe as written)": [],
+        "full-rank, bf16 autocast + 8-bit AdamW": ["--relora.enabled=false", "--optim.name=adamw8bit"],
+    }
+    if with_7b:
+        v["ReLoRA, NF4 base, 7B shape"] = ["--model.preset=7b"]
+    return v
+
+
+def child(args) -> None:
+    """Run one variant in this process and print one JSON line with what was measured."""
+    import torch
+
+    from qrelora.cli import _quiet_dependencies
+    from qrelora.config import load_recipe
+    from qrelora.monitor import PlainLog, memory_gib
+    from qrelora.train import Trainer
+
+    _quiet_dependencies()
+    steps = args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"--run.output_dir={tmp}", f"--training.steps={steps}", "--training.warmup_steps=2",
+                     "--training.grad_accum=1", "--training.log_every=1", "--training.eval_every=0",
+                     "--relora.warm_start_steps=0", f"--relora.restart_every={steps // 2}",
+                     "--relora.restart_warmup=2", "--data.dataset=sample", "--checkpoint.every=0"]
+        if args.tokenizer:
+            overrides.append(f"--data.tokenizer={args.tokenizer}")
+        overrides += (DRY_RUN if args.dry_run else []) + json.loads(args.child)
+        shape = load_recipe(args.recipe, overrides)
+        one_batch = shape.data.seq_len * shape.training.micro_batch_size  # evaluation is not what is measured
+        recipe = load_recipe(args.recipe, overrides + [f"--data.eval_tokens={one_batch}"])
+        t0 = time.perf_counter()
+        trainer = Trainer(recipe, PlainLog(sys.stderr))
+        build_s = time.perf_counter() - t0
+        trainer.run()
+        records = [json.loads(l) for l in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    merge_steps = {r["step"] for r in records if r.get("event") == "merge"}
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 3 and r["step"] not in merge_steps]
+    cuda = torch.cuda.is_available() and recipe.training.device != "cpu"
+    result = {
+        "micro_batch_size": recipe.training.micro_batch_size, "seq_len": recipe.data.seq_len,
+        "tokens_per_s": statistics.median(rates) if rates else float("nan"),
+        "merge_s": max([r["merge_s"] for r in records if r.get("event") == "merge"], default=0.0),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else memory_gib(torch.device("cpu")),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else float("nan"),
+        "build_s": build_s,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "1b3_24gb.toml"))
+    ap.add_argument("--tokenizer", default="", help="local tokenizer directory (default: the recipe's)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--with-7b", action="store_true")
+    ap.add_argument("--only", nargs="*", help="run only the variants whose name contains one of these")
+    ap.add_argument("--dry-run", action="store_true", help="tiny model on CPU: checks the plumbing only")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        return child(args)
+
+    rows = []
+    for name, overrides in variants(args.with_7b).items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        cmd = [sys.executable, __file__, "--recipe", args.recipe, "--steps", str(args.steps),
+               "--child", json.dumps(overrides)] + (["--tokenizer", args.tokenizer] if args.tokenizer else []) + \
+              (["--dry-run"] if args.dry_run else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            print(f"{name}: failed (exit {proc.returncode})\n{tail}", flush=True)
+            rows.append((name, None))
+            continue
+        r = json.loads(lines[-1][7:])
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append((name, r))
+        print(f"{name}: {json.dumps(r)}", flush=True)
+
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)"
+    table = ["| run | micro-batch x seq | peak allocated | peak reserved | tokens/s | slowest merge |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        if r is None:
+            table.append(f"| {name} | failed | | | | |")
+            continue
+        table.append(f"| {name} | {r['micro_batch_size']} x {r['seq_len']} | {r['peak_allocated_gib']:.2f} GiB | "
+                     f"{r['peak_reserved_gib']:.2f} GiB | {r['tokens_per_s']:,.0f} | {r['merge_s']:.2f} s |")
+    print("\n".join(table))
+    if args.dry_run:
+        return
+    from bench_merge import write_section
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    heading = f"## {Path(args.recipe).name} measured on {card}" + (f" ({', '.join(args.only)})" if args.only else "")
+    section = "\n".join([
+        heading, "",
+        f"Command: `python tools/measure_gpu.py --tokenizer DIR --steps {args.steps}"
+        f"{' --with-7b' if args.with_7b else ''}{' --only ' + ' '.join(args.only) if args.only else ''}`; {stamp}; torch {torch.__version__}. "
+        f"{args.steps} steps per run, merges every {args.steps // 2}, sample text, 32000-entry tokenizer.",
+        "", *table, "",
+    ])
+    write_section(Path(args.results), heading, section)
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
