@@ -76,7 +76,8 @@ def _decoded(state: dict, key: str) -> Tensor:
     if t.dtype != torch.uint8:
         return t.float()
     suffix = key[-1]
-    qmap, absmax = state["qmap" + suffix], state["absmax" + suffix]
+    # Paged states live in CUDA managed memory that torch reports as CPU tensors: compute where they are.
+    qmap, absmax = state["qmap" + suffix].to(t.device), state["absmax" + suffix].to(t.device)
     values = qmap[t.reshape(-1).long()]
     blocksize = -(-values.numel() // absmax.numel())
     pad = (-values.numel()) % blocksize
@@ -89,6 +90,7 @@ def _zero_entries(state: dict, key: str, mask: Tensor) -> None:
     code's exact-zero entry, leaving every kept entry's code untouched (a requantization would decode a
     zero as ~1e-5 x absmax and perturb the kept values)."""
     t = state[key]
+    mask = mask.to(t.device)
     if t.dtype == torch.uint8:
         zero_index = int((state["qmap" + key[-1]] == 0).nonzero()[0])
         t.masked_fill_(mask, zero_index)

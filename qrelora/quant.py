@@ -57,13 +57,17 @@ class Codec:
     def quantize_stochastic(self, w: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def codes(self, packed: dict[str, Tensor]) -> Tensor:
-        """The stored code of every value (for "share of codes changed by a merge")."""
-        raise NotImplementedError
+    def changed(self, old: dict[str, Tensor], new: dict[str, Tensor]) -> int:
+        """How many stored values differ between two packings of the same matrix (without unpacking them
+        into a full-size integer tensor: this runs on the accelerator during a merge)."""
+        key = self.main_key
+        return int((old[key] != new[key]).sum())
 
 
 class DenseCodec(Codec):
     """Plain 16-bit (or fp32) storage: the unquantized ReLoRA reference."""
+
+    main_key = "weight"
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -85,9 +89,6 @@ class DenseCodec(Codec):
         rounded = ((bits + noise.to(bits.device)) & ~0xFFFF).view(torch.float32)
         return {"weight": rounded.to(torch.bfloat16)}
 
-    def codes(self, packed):
-        return packed["weight"].view(torch.int16)
-
 
 class CodebookCodec(Codec):
     """Blockwise absmax quantization to a 16- or 256-entry code (bitsandbytes layouts).
@@ -108,9 +109,6 @@ class CodebookCodec(Codec):
 
     def pack_indices(self, idx: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
-
-    def codes(self, packed):
-        return self.indices(packed)
 
     def dequantize_reference(self, packed, shape, dtype):
         code = packed["code"].to(torch.float32)
@@ -144,6 +142,8 @@ class CodebookCodec(Codec):
 
 class FourBitCodec(CodebookCodec):
     """NF4 / FP4, two codes per byte (high nibble first), optional double quantization of the scales."""
+
+    main_key = "packed"
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True):
         self.quant_type = quant_type
@@ -185,6 +185,10 @@ class FourBitCodec(CodebookCodec):
         values = torch.nn.functional.pad(values, (0, (-n) % 256)).view(-1, 256) * nested_absmax[:, None]
         return values.view(-1)[:n] + packed["offset"].float()
 
+    def changed(self, old, new):
+        diff = old["packed"] ^ new["packed"]
+        return int(((diff & 0xF0) != 0).sum() + ((diff & 0x0F) != 0).sum())
+
     def indices(self, packed):
         flat = packed["packed"].view(-1)
         return torch.stack([flat >> 4, flat & 15], dim=1).view(-1).long()
@@ -201,6 +205,7 @@ class EightBitCodec(CodebookCodec):
     (-0.993 .. +1.0) and shrinks weights ~0.7% per requantization (platform.md); the linear one is symmetric."""
 
     name = "int8"
+    main_key = "codes"
 
     def __init__(self, blocksize: int = 256):
         self.blocksize = blocksize
@@ -323,7 +328,7 @@ class FrozenWeight(nn.Module):
         workspace on top of the packed weight. Returns ||delta|| / ||W|| and the share of stored codes
         that changed.
         """
-        old_codes = self.codec.codes(self.stored())
+        old = self.stored()
         delta_norm = delta.float().norm().item()
         if self.merge_mode == "exact":
             master = self.host.tensor
@@ -346,7 +351,7 @@ class FrozenWeight(nn.Module):
             if self.merge_mode == "error_feedback":
                 self.host.tensor.copy_(target.sub_(self.dequantize(torch.float32)))
         self.merges_done += 1
-        changed = (self.codec.codes(self.stored()) != old_codes).float().mean().item()
+        changed = self.codec.changed(old, self.stored()) / self.numel()
         return {"codes_changed": changed, "update_ratio": delta_norm / max(w_norm, 1e-12)}
 
     def full_precision(self) -> Tensor:

@@ -124,6 +124,9 @@ def merge_and_reinit(model: nn.Module) -> MergeReport:
     """Merge every adapter of the model into its base and re-initialise it."""
     t0 = time.perf_counter()
     stats = [layer.merge_and_reinit() for layer in adapter_layers(model)]
+    # Autocast caches the bf16 casts of parameters until its outermost region exits; a merge inside such
+    # a region would otherwise go on seeing the adapters' pre-merge values.
+    torch.clear_autocast_cache()
     n = max(len(stats), 1)
     return MergeReport(
         seconds=time.perf_counter() - t0,

@@ -104,7 +104,7 @@ class Trainer:
         self.state = TrainState()
 
         model = build_model(recipe.model, vocab_size=len(self.tokenizer), seq_len=recipe.data.seq_len, seed=t.seed,
-                            eos_id=self.tokenizer.eos_token_id)
+                            eos_id=self.tokenizer.eos_token_id, device=self._build_device())
         if t.activation_checkpointing:
             enable_activation_checkpointing(model)
         if self.relora.switch_due(0):
@@ -113,6 +113,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # set-up
+
+    def _build_device(self) -> torch.device:
+        """Initialise the model on the accelerator when its fp32 weights take under half the free memory
+        (minutes faster for billion-parameter models); otherwise in host memory, from where the ReLoRA
+        conversion quantizes one layer at a time onto the accelerator."""
+        cpu = torch.device("cpu")
+        if self.device.type != "cuda" or self.recipe.model.init_from:
+            return cpu
+        meta = build_model(self.recipe.model, vocab_size=len(self.tokenizer), seq_len=self.recipe.data.seq_len,
+                           device="meta")
+        fp32_bytes = 4 * sum(p.numel() for p in meta.parameters())
+        free_bytes, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if fp32_bytes < free_bytes / 2 else cpu
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
