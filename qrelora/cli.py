@@ -24,12 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--measure", type=int, default=0, metavar="STEPS")
     m.add_argument("--json", action="store_true")
     e = sub.add_parser("eval", help="loss and perplexity of a checkpoint or model directory on held-out data")
-    e.add_argument("path")
-    e.add_argument("--data")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("path", help="a checkpoint directory, or a directory written by qrelora export")
+    e.add_argument("--data", help="evaluate on this dataset instead of the run's (same spellings as data.dataset)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     x = sub.add_parser("export", help="write a merged Hugging Face model from a checkpoint")
-    x.add_argument("checkpoint")
-    x.add_argument("out_dir")
+    x.add_argument("checkpoint", help="a checkpoint directory (runs/<name>/checkpoints/step_<N>)")
+    x.add_argument("out_dir", help="a new directory for the Hugging Face model")
+    x.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     return p
 
 
@@ -62,6 +63,25 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.out_dir, args.dtype)
+    print(f"exported {args.checkpoint} to {out} ({args.dtype} safetensors, config, tokenizer); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .export import evaluate, format_eval
+
+    result = evaluate(args.path, args.data)
+    print(json.dumps(result) if args.json else format_eval(result))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides, rest = _split_overrides(argv)
@@ -71,19 +91,30 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     _quiet_dependencies()
+    from .checkpoint import CheckpointError
     from .config import RecipeError
     from .data import DataError
+    from .train import RunDirError, TrainingDiverged, TrainingInterrupted
 
     try:
         if args.command == "train":
             return cmd_train(args, overrides)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "eval":
+            return cmd_eval(args)
         print(f"qrelora {args.command}: not implemented yet", file=sys.stderr)
         return EXIT_ERROR
-    except (RecipeError, DataError) as e:
+    except (RecipeError, DataError, CheckpointError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except TrainingInterrupted:
+        return EXIT_INTERRUPTED
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted at once (second Ctrl-C); the last periodic checkpoint is intact", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -94,6 +94,8 @@ class TrainingConfig:
     """Steps between log lines."""
     eval_every: int = 200
     """Steps between evaluations (and one at the start and the end); 0 evaluates only at start and end."""
+    max_bad_steps: int = 10
+    """Non-finite steps in a row (each one skipped) after which the run stops."""
 
 
 @dataclass
@@ -339,6 +341,7 @@ def validate(r: Recipe) -> list[str]:
     need(t.grad_clip >= 0, "training", "grad_clip", "must be >= 0 (0 disables clipping)")
     need(t.log_every >= 1, "training", "log_every", "must be >= 1")
     need(t.eval_every >= 0, "training", "eval_every", "must be >= 0")
+    need(t.max_bad_steps >= 1, "training", "max_bad_steps", "must be >= 1")
 
     if rl.enabled:
         need(rl.rank >= 1, "relora", "rank", "must be >= 1")

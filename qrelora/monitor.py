@@ -24,6 +24,10 @@ class MetricsFile:
         self._f.write(json.dumps(record, allow_nan=True) + "\n")
         self._f.flush()
 
+    def tell(self) -> int:
+        """Bytes written so far (checkpoints record it, so a resumed run can drop later records)."""
+        return self._f.tell()
+
     def close(self) -> None:
         self._f.close()
 

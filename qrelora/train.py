@@ -8,7 +8,12 @@ gradients, so only they are all-reduced).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
@@ -72,6 +78,42 @@ class ReLoRAPhase:
                 "moments_zeroed": zeroed}
 
 
+class RunDirError(Exception):
+    """The run directory cannot be used (not writable, not enough free disk); nothing was trained."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM: the run stopped after saving a checkpoint."""
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite steps in a row; the last good checkpoint is intact."""
+
+
+class StopRequest:
+    """Turns the first SIGINT / SIGTERM into a request to stop after the current step; a second SIGINT
+    interrupts at once (Python's default KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, log: PlainLog | None = None):
         from accelerate import Accelerator
@@ -87,14 +129,14 @@ class Trainer:
         set_seed(t.seed)
 
         # Everything that can fail on bad input happens before the run directory is touched.
+        self.run_dir = recipe.run_dir
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, self.checkpoints_dir)
+        if resume_from is not None:
+            checkpoint.check_compatible(resume_from, recipe)
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.data: TokenData = build_data(recipe.data, self.tokenizer, t.seed)
         self.eval_batches = self.data.eval_batches(t.micro_batch_size)
-
-        self.run_dir = recipe.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(cfgmod.to_toml(recipe), encoding="utf-8")
-        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if self.accelerator.is_main_process else None
 
         self.schedule = JaggedCosine(
             lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
@@ -102,14 +144,75 @@ class Trainer:
             restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps)
         self.relora = ReLoRAPhase(recipe, self.run_dir)
         self.state = TrainState()
+        self.bad_steps_in_a_row = 0
 
         model = build_model(recipe.model, vocab_size=len(self.tokenizer), seq_len=recipe.data.seq_len, seed=t.seed,
                             eos_id=self.tokenizer.eos_token_id, device=self._build_device())
         if t.activation_checkpointing:
             enable_activation_checkpointing(model)
-        if self.relora.switch_due(0):
+        saved = checkpoint.load_files(resume_from) if resume_from is not None else None
+        if self.relora.switch_due(0) or (saved and saved[2]["relora_active"]):
             self.relora.convert(model, self.device)
+        self._check_run_dir(model)
         self._prepare(model)
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(cfgmod.to_toml(recipe), encoding="utf-8")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        self.resumed_from = resume_from
+        if saved:
+            self._load(saved, metrics_path)
+        elif metrics_path.exists():
+            metrics_path.unlink()  # a fresh run: the old run's records would read as this one's
+        self.metrics = MetricsFile(metrics_path) if self.accelerator.is_main_process else None
+
+    def _check_run_dir(self, model: nn.Module) -> None:
+        """Writable, with room for at least one checkpoint, checked on the nearest existing ancestor so
+        that a bad path leaves nothing behind."""
+        existing = self.run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise RunDirError(f"run directory {self.run_dir} cannot be created or written ({existing} is not a "
+                              "writable directory). Choose another place with --run.output_dir=PATH.")
+        need = checkpoint.estimate_bytes(model)
+        free = shutil.disk_usage(existing).free
+        if free < need:
+            raise RunDirError(f"not enough free disk for a checkpoint in {self.run_dir}: one needs about "
+                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free. Free some space or "
+                              "choose another place with --run.output_dir=PATH.")
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            trainer_state = dataclasses.asdict(self.state) | {
+                "relora_active": self.relora.active, "data": self.data.state_dict(),
+                "metrics_offset": self.metrics.tell() if self.metrics else 0}
+            path = checkpoint.save(self.checkpoints_dir, self.state.step, self.unwrapped.state_dict(),
+                                   self.optimizer.state_dict(), trainer_state, self.recipe,
+                                   self.recipe.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _load(self, saved: tuple, metrics_path: Path) -> None:
+        model_state, optimizer_state, trainer_state, rng = saved
+        missing, unexpected = self.unwrapped.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {self.resumed_from} does not fit this model ({len(missing)} missing and "
+                f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that "
+                "wrote it, or --checkpoint.resume=never.")
+        self.optimizer.load_state_dict(optimizer_state)
+        self.data.load_state_dict(trainer_state["data"])
+        self.state = TrainState(**{k: trainer_state[k] for k in ("step", "tokens", "merges")})
+        if metrics_path.exists() and self.accelerator.is_main_process:
+            with open(metrics_path, "r+b") as f:  # drop records written after the checkpoint
+                f.truncate(trainer_state["metrics_offset"])
+        checkpoint.restore_rng(rng)
 
     # ----------------------------------------------------------------------------------------------
     # set-up
@@ -183,11 +286,12 @@ class Trainer:
             loss_sum += loss.detach()
         params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(params, clip)
-        self.optimizer.step()
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, clip))  # one host-device sync per step
+        loss_mean = (self.accelerator.reduce(loss_sum, reduction="mean") / t.grad_accum).item()
+        if math.isfinite(loss_mean) and math.isfinite(grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_mean = self.accelerator.reduce(loss_sum, reduction="mean") / t.grad_accum
-        return loss_mean.item(), float(grad_norm)  # .item(): one host-device sync per step
+        return loss_mean, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -220,40 +324,56 @@ class Trainer:
     # the loop
 
     def run(self) -> dict:
-        t = self.recipe.training
+        t, ckpt = self.recipe.training, self.recipe.checkpoint
         tokens_per_step = self.recipe.tokens_per_step * self.accelerator.num_processes
         self.log.line(f"qrelora: {self.recipe.run.name} on {self.device} ({t.dtype}), {self._param_summary()}, "
                       f"optimizer {resolve_optimizer_name(self.recipe.optim, self.device.type)}, "
                       f"{tokens_per_step:,} tokens/step, run dir {self.run_dir}")
-        first_eval = self._eval_and_log()
-        timer, started, window_tokens = Timer(), time.perf_counter(), 0
-        eval_loss = first_eval
-        while self.state.step < t.steps:
-            step = self.state.step
-            if self.relora.switch_due(step):
-                self.switch_to_relora()
-            lr = self.schedule(step)
-            loss, grad_norm = self.train_step(lr)
-            self.state.step += 1
-            self.state.tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            if self.schedule.merges_after(step):
-                self.state.merges += 1
-                r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
-                self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
-                               f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "
-                               f"moments zeroed {r['moments_zeroed']:.2%}")
-            if self.state.step % t.log_every == 0 or self.state.step == t.steps:
-                elapsed = timer.lap()
-                r = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
-                     "mem_gib": memory_gib(self.device)}
-                window_tokens = 0
-                self._record(r)
-                rate = self.state.step / (time.perf_counter() - started)
-                self.log.step({"step": self.state.step} | r, t.steps, (t.steps - self.state.step) / rate)
-            if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
-                eval_loss = self._eval_and_log()
+        if self.resumed_from is not None:
+            self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
+            first_eval = eval_loss = float("nan")
+        else:
+            first_eval = eval_loss = self._eval_and_log()
+        timer, started, window_tokens, start_step = Timer(), time.perf_counter(), 0, self.state.step
+        with StopRequest() as stop:
+            while self.state.step < t.steps:
+                step = self.state.step
+                if self.relora.switch_due(step):
+                    self.switch_to_relora()
+                lr = self.schedule(step)
+                loss, grad_norm = self.train_step(lr)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self._skip_bad_step(loss, grad_norm)
+                    continue
+                self.bad_steps_in_a_row = 0
+                self.state.step += 1
+                self.state.tokens += tokens_per_step
+                window_tokens += tokens_per_step
+                if self.schedule.merges_after(step):
+                    self.state.merges += 1
+                    r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
+                    self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
+                                   f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "
+                                   f"moments zeroed {r['moments_zeroed']:.2%}")
+                if self.state.step % t.log_every == 0 or self.state.step == t.steps:
+                    elapsed = timer.lap()
+                    r = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
+                         "mem_gib": memory_gib(self.device)}
+                    window_tokens = 0
+                    self._record(r)
+                    rate = (self.state.step - start_step) / (time.perf_counter() - started)
+                    self.log.step({"step": self.state.step} | r, t.steps, (t.steps - self.state.step) / rate)
+                if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
+                    eval_loss = self._eval_and_log()
+                if stop.signal_name:
+                    path = self.save_checkpoint()
+                    self.log.event(f"{stop.signal_name} received: stopped after step {self.state.step}, checkpoint "
+                                   f"saved to {path}. Resume with the same command (checkpoint.resume = \"auto\").")
+                    raise TrainingInterrupted(str(path))
+                if ckpt.every and self.state.step % ckpt.every == 0 and self.state.step < t.steps:
+                    self._save_and_log()
         eval_loss = self._eval_and_log()
+        self._save_and_log()
         wall = time.perf_counter() - started
         self.log.line(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {wall:.0f} s; "
                       f"eval loss {first_eval:.4f} -> {eval_loss:.4f}")
@@ -261,6 +381,27 @@ class Trainer:
             self.metrics.close()
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
+
+    def _save_and_log(self) -> None:
+        t0 = time.perf_counter()
+        path = self.save_checkpoint()
+        self._event({"event": "checkpoint", "path": str(path), "checkpoint_s": time.perf_counter() - t0},
+                    f"checkpoint at step {self.state.step}: {path} ({time.perf_counter() - t0:.1f} s)")
+
+    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient: the update is dropped (optimizer untouched), the batch is spent."""
+        self.bad_steps_in_a_row += 1
+        limit = self.recipe.training.max_bad_steps
+        self._event({"event": "skipped_step", "loss": loss, "grad_norm": grad_norm,
+                     "in_a_row": self.bad_steps_in_a_row},
+                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.state.step + 1}: "
+                    f"update skipped ({self.bad_steps_in_a_row} in a row, stopping at {limit})")
+        if self.bad_steps_in_a_row >= limit:
+            last = checkpoint.complete_checkpoints(self.checkpoints_dir)
+            raise TrainingDiverged(
+                f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
+                f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
+                "raise training.warmup_steps or set training.grad_clip, then resume.")
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
