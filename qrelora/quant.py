@@ -74,7 +74,9 @@ class DenseCodec(Codec):
         self.name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
     def quantize(self, w):
-        return {"weight": w.to(self.dtype).contiguous()}
+        # Always a copy: the stored weight must never alias the caller's tensor (e.g. an fp32 master on the
+        # same device), or a later in-place merge would change both.
+        return {"weight": w.to(self.dtype, copy=True).contiguous()}
 
     def dequantize(self, packed, shape, dtype):
         return packed["weight"].to(dtype)

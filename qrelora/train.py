@@ -117,12 +117,16 @@ class StopRequest:
 class Trainer:
     def __init__(self, recipe: Recipe, log: PlainLog | None = None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         self.recipe = recipe
         t = recipe.training
         self.log = log or PlainLog()
         cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        # accelerate keeps the mixed-precision setting in a process-wide singleton; each run's precision is
+        # its recipe's, so forget the previous run's (the distributed set-up itself is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if t.dtype == "bf16" else "no")
         self.device = self.accelerator.device
         self.log.enabled = self.accelerator.is_main_process
@@ -243,7 +247,7 @@ class Trainer:
     def switch_to_relora(self) -> None:
         t0 = time.perf_counter()
         old_optimizer = self.optimizer
-        model = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        model = self.accelerator.unwrap_model(self.model)
         self.accelerator.free_memory()  # drops the DDP wrapper, which holds the replaced weights' buffers
         self.relora.convert(model, self.device)
         self._prepare(model, old_optimizer)
@@ -280,7 +284,9 @@ class Trainer:
             batch = self._micro_batch()
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = self.accelerator.no_sync(self.model) if i < t.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
+            # Explicit autocast: accelerate patches forward with it only on the first prepare_model, so a
+            # model re-prepared after the warm-start switch would silently train in fp32.
+            with sync, self.accelerator.autocast():
                 loss = self.model(input_ids=batch, labels=batch).loss
                 self.accelerator.backward(loss / t.grad_accum)
             loss_sum += loss.detach()
@@ -296,8 +302,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
-        losses = [self.model(input_ids=b.to(self.device), labels=b.to(self.device)).loss.float()
-                  for b in self.eval_batches]
+        with self.accelerator.autocast():
+            losses = [self.model(input_ids=b.to(self.device), labels=b.to(self.device)).loss.float()
+                      for b in self.eval_batches]
         return torch.stack(losses).mean().item()
 
     # ----------------------------------------------------------------------------------------------

@@ -145,5 +145,5 @@ def test_console_script_and_module_agree_on_help():
 
 
 def test_unimplemented_command_says_so(capsys):
-    code = main(["export", "ckpt", "out"])
+    code = main(["memory", str(ROOT / "recipes" / "tiny.toml")])
     assert code == 1 and "not implemented yet" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 import io
 import json
 import math
+
+import torch
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,23 @@ def test_other_storage_merge_and_optimizer_combinations_train(tmp_path, bits, me
                                 "--relora.restart_every=8", "--relora.restart_warmup=2")
     assert len([r for r in records if r.get("event") == "merge"]) == 3
     assert result["last_eval_loss"] < result["first_eval_loss"]
+
+
+def test_relora_phase_after_a_warm_start_still_computes_in_bf16(tmp_path):
+    """Re-preparing the model at the warm-start switch must not drop mixed precision."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [f"--run.output_dir={tmp_path}", *SMALL,
+                                                          "--training.steps=6", "--training.warmup_steps=1",
+                                                          "--relora.warm_start_steps=3", "--relora.restart_every=3",
+                                                          "--relora.restart_warmup=1"])
+    trainer = Trainer(recipe, PlainLog(io.StringIO()))
+    seen = []
+    original = trainer.switch_to_relora
+
+    def switch():
+        original()
+        layer = trainer.unwrapped.model.layers[0].self_attn.q_proj
+        layer.register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_autocast_enabled("cpu"))))
+
+    trainer.switch_to_relora = switch
+    trainer.run()
+    assert seen and all(s == (torch.bfloat16, True) for s in seen)
