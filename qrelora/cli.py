@@ -58,8 +58,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .config import load_recipe
     from .train import train
 
+    from .monitor import make_log
+
     recipe = load_recipe(args.recipe, overrides)
-    train(recipe)
+    train(recipe, make_log(args.no_live))
     return EXIT_OK
 
 

@@ -32,6 +32,8 @@ class RunConfig:
     """Run name; defaults to the recipe file's stem."""
     output_dir: str = ""
     """Run directory; defaults to runs/<name>."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run dir>/tensorboard (needs the tensorboard package)."""
 
 
 @dataclass
@@ -372,6 +374,11 @@ def validate(r: Recipe) -> list[str]:
     need(0 < o.eps < 1, "optim", "eps", "must be in (0, 1)")
     need(o.weight_decay >= 0, "optim", "weight_decay", "must be >= 0")
 
+    if r.run.tensorboard:
+        import importlib.util
+
+        need(importlib.util.find_spec("tensorboard") is not None, "run", "tensorboard",
+             'needs the tensorboard package (pip install tensorboard, or pip install -e ".[tensorboard]")')
     need(c.every >= 0, "checkpoint", "every", "must be >= 0 (0 saves only at the end)")
     need(c.keep_last >= 1, "checkpoint", "keep_last", "must be >= 1")
     if c.resume not in ("auto", "never"):

@@ -25,10 +25,10 @@ from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
-from .models import build_model, count_parameters
-from .monitor import MetricsFile, PlainLog, Timer, memory_gib
+from .models import build_model, count_parameters, resolve_shape
+from .monitor import MetricsFile, PlainLog, Timer, device_description, memory_gib, peak_flops
 from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
+from .relora import ReLoRALinear, add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
 from .schedule import JaggedCosine
 
 
@@ -44,7 +44,8 @@ class TrainState:
 class ReLoRAPhase:
     """Owns the ReLoRA side of a run: switching from full-rank to adapters, merges and optimizer resets.
 
-    With ReLoRA disabled every method is a no-op, so the training loop has no branches for it.
+    With ReLoRA disabled a switch is never due and the schedule never asks for a merge, so the training
+    loop has no branches for it.
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path):
@@ -55,6 +56,19 @@ class ReLoRAPhase:
         self.enabled = self.cfg.enabled
         self.active = False
 
+    def status(self, step: int, total_steps: int) -> str:
+        """Where the run is in the ReLoRA schedule, for the terminal."""
+        if not self.enabled:
+            return "full-rank"
+        start, every = self.cfg.warm_start_steps, self.cfg.restart_every
+        if step < start:
+            return f"warm start, ReLoRA in {start - step}"
+        cycles = (total_steps - start) // every
+        if step >= total_steps:
+            return f"{cycles} cycles done"
+        cycle = (step - start) // every + 1
+        return f"cycle {cycle}/{cycles}, merge in {start + cycle * every - step}"
+
     def switch_due(self, step: int) -> bool:
         return self.enabled and not self.active and step >= self.cfg.warm_start_steps
 
@@ -63,6 +77,11 @@ class ReLoRAPhase:
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
                      mmap_dir=self.run_dir / "master", seed=self.seed, device=device)
         self.active = True
+        # A few layers' weights at the start of the ReLoRA phase: the rank of what the merges add to them
+        # is the paper's central claim, reported at every merge.
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]
+        picks = sorted({0, len(layers) // 2, len(layers) - 1})
+        self.rank_probes = {layers[i][0]: (layers[i][1], layers[i][1].base.full_precision()) for i in picks}
 
     def adapter_params(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for layer in adapter_layers(model) for p in (layer.lora_A, layer.lora_B)]
@@ -73,9 +92,11 @@ class ReLoRAPhase:
         t0 = time.perf_counter()
         zeroed = prune_adapter_moments(optimizer, self.adapter_params(model), self.cfg.reset, self.cfg.reset_ratio,
                                        gen)
+        ranks = {name: effective_rank(layer.base.full_precision() - start)
+                 for name, (layer, start) in self.rank_probes.items()}
         return {"event": "merge", "merge_s": report.seconds, "reset_s": time.perf_counter() - t0,
                 "update_ratio": report.update_ratio, "codes_changed": report.codes_changed,
-                "moments_zeroed": zeroed}
+                "moments_zeroed": zeroed, "effective_rank": ranks}
 
 
 class RunDirError(Exception):
@@ -112,6 +133,33 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+class Throughput:
+    """Tokens/s, step time, MFU and ETA over the steps since the last log line."""
+
+    def __init__(self, trainer: "Trainer", total_steps: int):
+        self.device = trainer.device
+        self.tokens_per_step = trainer.recipe.tokens_per_step * trainer.accelerator.num_processes
+        self.flops_per_token = trainer.flops_per_token()
+        self.peak = peak_flops(trainer.device)
+        self.processes = trainer.accelerator.num_processes
+        self.total_steps = total_steps
+        self.timer, self.started, self.first_step = Timer(), time.perf_counter(), trainer.state.step
+        self.last_step = trainer.state.step
+
+    def window(self, step: int) -> dict[str, float]:
+        seconds, steps = self.timer.lap(), max(step - self.last_step, 1)
+        self.last_step = step
+        r = {"tokens_per_s": steps * self.tokens_per_step / seconds, "step_s": seconds / steps,
+             "mem_gib": memory_gib(self.device)}
+        if self.peak:
+            r["mfu"] = r["tokens_per_s"] * self.flops_per_token / (self.peak * self.processes)
+        return r
+
+    def eta_s(self, step: int) -> float:
+        rate = (step - self.first_step) / (time.perf_counter() - self.started)
+        return (self.total_steps - step) / rate if rate > 0 else float("inf")
 
 
 class Trainer:
@@ -168,7 +216,9 @@ class Trainer:
             self._load(saved, metrics_path)
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run: the old run's records would read as this one's
-        self.metrics = MetricsFile(metrics_path) if self.accelerator.is_main_process else None
+        self.metrics = None
+        if self.accelerator.is_main_process:
+            self.metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
 
     def _check_run_dir(self, model: nn.Module) -> None:
         """Writable, with room for at least one checkpoint, checked on the nearest existing ancestor so
@@ -332,62 +382,108 @@ class Trainer:
 
     def run(self) -> dict:
         t, ckpt = self.recipe.training, self.recipe.checkpoint
-        tokens_per_step = self.recipe.tokens_per_step * self.accelerator.num_processes
-        self.log.line(f"qrelora: {self.recipe.run.name} on {self.device} ({t.dtype}), {self._param_summary()}, "
-                      f"optimizer {resolve_optimizer_name(self.recipe.optim, self.device.type)}, "
-                      f"{tokens_per_step:,} tokens/step, run dir {self.run_dir}")
+        self.log.banner(self.run_info())
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
         else:
             first_eval = eval_loss = self._eval_and_log()
-        timer, started, window_tokens, start_step = Timer(), time.perf_counter(), 0, self.state.step
-        with StopRequest() as stop:
-            while self.state.step < t.steps:
-                step = self.state.step
-                if self.relora.switch_due(step):
-                    self.switch_to_relora()
-                lr = self.schedule(step)
-                loss, grad_norm = self.train_step(lr)
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self._skip_bad_step(loss, grad_norm)
-                    continue
-                self.bad_steps_in_a_row = 0
-                self.state.step += 1
-                self.state.tokens += tokens_per_step
-                window_tokens += tokens_per_step
-                if self.schedule.merges_after(step):
-                    self.state.merges += 1
-                    r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
-                    self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
-                                   f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "
-                                   f"moments zeroed {r['moments_zeroed']:.2%}")
-                if self.state.step % t.log_every == 0 or self.state.step == t.steps:
-                    elapsed = timer.lap()
-                    r = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
-                         "mem_gib": memory_gib(self.device)}
-                    window_tokens = 0
-                    self._record(r)
-                    rate = (self.state.step - start_step) / (time.perf_counter() - started)
-                    self.log.step({"step": self.state.step} | r, t.steps, (t.steps - self.state.step) / rate)
-                if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
-                    eval_loss = self._eval_and_log()
-                if stop.signal_name:
-                    path = self.save_checkpoint()
-                    self.log.event(f"{stop.signal_name} received: stopped after step {self.state.step}, checkpoint "
-                                   f"saved to {path}. Resume with the same command (checkpoint.resume = \"auto\").")
-                    raise TrainingInterrupted(str(path))
-                if ckpt.every and self.state.step % ckpt.every == 0 and self.state.step < t.steps:
-                    self._save_and_log()
-        eval_loss = self._eval_and_log()
-        self._save_and_log()
+        started = time.perf_counter()
+        self.throughput = Throughput(self, t.steps)
+        try:
+            with StopRequest() as stop:
+                while self.state.step < t.steps:
+                    step = self.state.step
+                    if self.relora.switch_due(step):
+                        self.switch_to_relora()
+                    lr = self.schedule(step)
+                    loss, grad_norm = self.train_step(lr)
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        self._skip_bad_step(loss, grad_norm)
+                        continue
+                    self.bad_steps_in_a_row = 0
+                    self.state.step += 1
+                    self.state.tokens += self.throughput.tokens_per_step
+                    if self.schedule.merges_after(step):
+                        self._merge()
+                    if self.state.step % t.log_every == 0 or self.state.step == t.steps:
+                        self._log_step(loss, lr, grad_norm)
+                    if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
+                        eval_loss = self._eval_and_log()
+                    if stop.signal_name:
+                        self._stop(stop.signal_name)
+                    if ckpt.every and self.state.step % ckpt.every == 0 and self.state.step < t.steps:
+                        self._save_and_log()
+                eval_loss = self._eval_and_log()
+                self._save_and_log()
+        finally:
+            self.log.close()
+            if self.metrics is not None:
+                self.metrics.close()
         wall = time.perf_counter() - started
         self.log.line(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {wall:.0f} s; "
                       f"eval loss {first_eval:.4f} -> {eval_loss:.4f}")
-        if self.metrics is not None:
-            self.metrics.close()
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
+
+    def _merge(self) -> None:
+        self.state.merges += 1
+        r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
+        ranks = ", ".join(str(v) for v in r["effective_rank"].values())
+        self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
+                       f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "
+                       f"moments zeroed {r['moments_zeroed']:.2%}, effective rank of the update so far "
+                       f"{ranks} (sampled layers, 90% energy)")
+
+    def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
+        r = {"loss": loss, "lr": lr, "grad_norm": grad_norm} | self.throughput.window(self.state.step)
+        self._record(r)
+        total = self.recipe.training.steps
+        self.log.step({"step": self.state.step} | r, total, self.throughput.eta_s(self.state.step),
+                      self.relora.status(self.state.step, total))
+
+    def _stop(self, signal_name: str) -> None:
+        path = self.save_checkpoint()
+        self.log.event(f"{signal_name} received: stopped after step {self.state.step}, checkpoint saved to {path}. "
+                       "Resume with the same command (checkpoint.resume = \"auto\").")
+        raise TrainingInterrupted(str(path))
+
+    def run_info(self) -> dict[str, str]:
+        """What the start-up banner shows."""
+        from importlib.metadata import version
+
+        r, t, world = self.recipe, self.recipe.training, self.accelerator.num_processes
+        shape = resolve_shape(r.model)
+        tokens_per_step = r.tokens_per_step * world
+        info = {
+            "run": f"{r.run.name} -> {self.run_dir}",
+            "device": device_description(self.device) + (f" x {world} processes" if world > 1 else ""),
+            "versions": ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "bitsandbytes",
+                                                                  "accelerate")),
+            "precision": f"{t.dtype} autocast, fp32 trainable weights",
+            "model": f"LLaMA, hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads, "
+                     f"MLP {shape.mlp_size}, vocabulary {len(self.tokenizer):,}",
+            "parameters": self._param_summary(),
+            "batch": f"{t.micro_batch_size} x {r.data.seq_len} tokens x {t.grad_accum} accumulation"
+                     f"{f' x {world} processes' if world > 1 else ''} = {tokens_per_step:,} tokens/step; "
+                     f"{t.steps:,} steps = {tokens_per_step * t.steps / 1e6:,.1f}M tokens",
+            "optimizer": resolve_optimizer_name(r.optim, self.device.type),
+        }
+        if r.relora.enabled:
+            cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
+            storage = {4: r.quant.type.upper(), 8: "int8", 16: "16-bit"}[r.quant.bits]
+            info["relora"] = (f"rank {r.relora.rank}, {cycles} cycles of {r.relora.restart_every} steps after "
+                              f"{r.relora.warm_start_steps} full-rank steps; {storage} base, {r.quant.merge} "
+                              f"merge, {r.relora.reset} reset {r.relora.reset_ratio:g}")
+        else:
+            info["relora"] = "off (full-rank training)"
+        return info
+
+    def flops_per_token(self) -> float:
+        """Forward and input-gradient matmuls touch every weight (4 FLOPs each), weight gradients only the
+        trainable ones (2 more); attention scores are left out."""
+        total, trainable = count_parameters(self.unwrapped)
+        return 4 * total + 2 * trainable
 
     def _save_and_log(self) -> None:
         t0 = time.perf_counter()
@@ -409,6 +505,14 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+
+def effective_rank(update: torch.Tensor, energy: float = 0.9) -> int:
+    """Singular values needed to hold `energy` of the update's squared Frobenius norm."""
+    s2 = torch.linalg.svdvals(update.float()).square()
+    if s2.sum() == 0:
+        return 0
+    return int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

@@ -196,3 +196,20 @@ def test_export_round_trip(tmp_path, bits, dtype, tolerance, capsys):
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(plain, rel=1e-6)
     assert main(["export", str(ckpt), str(out)]) == 2  # never overwrites
+
+
+@pytest.mark.slow
+def test_init_from_an_exported_model_starts_where_it_ended(tmp_path, capsys):
+    """model.init_from: ReLoRA from a Hugging Face model directory (here, one this tool exported)."""
+    run = tmp_path / "run"
+    Trainer(recipe(run, "--relora.enabled=false", "--training.steps=6", "--training.dtype=fp32"),
+            PlainLog(io.StringIO())).run()
+    assert main(["export", str(run / "checkpoints" / "step_00000006"), str(tmp_path / "hf"), "--dtype=fp32"]) == 0
+    capsys.readouterr()
+    second = Trainer(recipe(tmp_path / "second", f"--model.init_from={tmp_path / 'hf'}", "--training.dtype=fp32",
+                            "--quant.bits=16",
+                            "--relora.warm_start_steps=0", "--relora.restart_every=5", "--training.steps=10",
+                            "--training.warmup_steps=2"), PlainLog(io.StringIO()))
+    result = second.run()
+    first_run_end = [r for r in records(run) if "eval_loss" in r][-1]["eval_loss"]
+    assert result["first_eval_loss"] == pytest.approx(first_run_end, rel=1e-5)
