@@ -195,7 +195,7 @@ class RichLog(PlainLog):
         if self.live is None:
             self._start(total_steps)
         loss = r["loss"]
-        self.smoothed_loss = loss if self.smoothed_loss is None else 0.9 * self.smoothed_loss + 0.1 * loss
+        self.smoothed_loss = loss if self.smoothed_loss is None else 0.6 * self.smoothed_loss + 0.4 * loss
         self.progress.update(self.task, completed=r["step"])
         self.row = self.status_table(r, status)
         self.live.update(Group(self.progress, self.row))

@@ -1,6 +1,5 @@
 """The adapter layer and whole-model merges."""
 
-import copy
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ of the paper's 1.3B model, NF4 with double quantization, exact mode (master in h
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import sys
 import time
@@ -24,8 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qrelora.quant import MERGE_MODES, EightBitCodec, FourBitCodec, FrozenWeight  # noqa: E402
+from results import record  # noqa: E402
 
 FORMATS = {
     "NF4 (bs 64, double quant)": lambda: FourBitCodec("nf4", 64, True),
@@ -116,37 +117,10 @@ def main():
         times.append(f"| {name} | {seconds:.3f} |")
         print(times[-1], flush=True)
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = "\n".join([
-        f"## Merge benchmark on {machine(device)}",
-        "",
-        f"Command: `python tools/bench_merge.py --device {device.type}{' --skip-model' if args.skip_model else ''}`"
-        f"; {stamp}; torch {torch.__version__}.",
-        "",
+    command = f"python tools/bench_merge.py --device {device.type}{' --skip-model' if args.skip_model else ''}"
+    record(Path(args.results), f"Merge benchmark on {machine(device)}", command, machine(device), [
         "2048x2048 Gaussian weight (std 0.02), 20 merges of rank-16 updates with RMS 1% of the weight's.",
-        "",
-        *lines,
-        "",
-        "Merge wall time, NF4 with double quantization:",
-        "",
-        *times,
-        "",
-    ])
-    write_section(Path(args.results), f"## Merge benchmark on {machine(device)}", section)
-    print(f"\nwrote {args.results}")
-
-
-def write_section(path: Path, heading: str, section: str) -> None:
-    """Replace the section that starts with `heading` (up to the next '## '), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nEach section is written by the script it names.\n\n"
-    start = text.find(heading)
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+        "", *lines, "", "Merge wall time, NF4 with double quantization:", "", *times])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Prints a table of final eval loss and perplexity and writes it to benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import math
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_merge import write_section  # noqa: E402  (tools/ is on sys.path when run as a script)
+from results import record  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 from qrelora.cli import _quiet_dependencies  # noqa: E402
 from qrelora.config import load_recipe  # noqa: E402
@@ -68,23 +67,15 @@ def main():
         rel = f"{(loss - reference) / reference:+.2%}" if reference else "-"
         table.append(f"| {name} | {loss:.4f} | {math.exp(loss):.2f} | {rel} |")
     print("\n".join(table))
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heading = "## Learning check: full-rank vs LoRA vs ReLoRA (tiny model, Shakespeare)" + \
+    heading = "Learning check: full-rank vs LoRA vs ReLoRA (tiny model, Shakespeare)" + \
         (f", {' '.join(args.set)}" if args.set else "")
-    section = "\n".join([
-        heading, "",
-        f"Command: `python tools/learning_check.py{' ' + ' '.join(args.set) if args.set else ''}"
-        f"{' --only ' + ' '.join(repr(o) for o in args.only) if args.only else ''}`; {stamp}; CPU ({platform.machine()}, {os.cpu_count()} cores), "
-        f"torch {__import__('torch').__version__}.",
-        "",
+    command = "python tools/learning_check.py" + "".join(f" {o}" for o in args.set) + \
+        ("" if not args.only else " --only " + " ".join(repr(o) for o in args.only))
+    record(Path(args.results), heading, command, f"CPU ({platform.machine()}, {os.cpu_count()} cores)", [
         f"recipes/tiny.toml: {steps} steps of {base.tokens_per_step:,} tokens, seed {base.training.seed}; the "
         f"adapter runs train full-rank for the first {warm} steps, then rank-{base.relora.rank} adapters "
         f"(ReLoRA: merge every {base.relora.restart_every} steps, magnitude reset {base.relora.reset_ratio}). "
-        f"Eval: {base.data.eval_tokens:,} held-out tokens.",
-        "", *table, "",
-    ])
-    write_section(Path(args.results), heading, section)
-    print(f"\nwrote {args.results}")
+        f"Eval: {base.data.eval_tokens:,} held-out tokens.", "", *table])
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ micro-batch full-rank (fp32 weights, bf16 autocast, 8-bit AdamW, activation chec
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -139,19 +137,14 @@ def main():
     print("\n".join(table))
     if args.dry_run:
         return
-    from bench_merge import write_section
+    from results import record
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    heading = f"## {Path(args.recipe).name} measured on {card}" + (f" ({', '.join(args.only)})" if args.only else "")
-    section = "\n".join([
-        heading, "",
-        f"Command: `python tools/measure_gpu.py --tokenizer DIR --steps {args.steps}"
-        f"{' --with-7b' if args.with_7b else ''}{' --only ' + ' '.join(args.only) if args.only else ''}`; {stamp}; torch {torch.__version__}. "
-        f"{args.steps} steps per run, merges every {args.steps // 2}, sample text, 32000-entry tokenizer.",
-        "", *table, "",
-    ])
-    write_section(Path(args.results), heading, section)
-    print(f"wrote {args.results}")
+    heading = f"{Path(args.recipe).name} measured on {card}" + (f" ({', '.join(args.only)})" if args.only else "")
+    command = (f"python tools/measure_gpu.py --tokenizer DIR --steps {args.steps}"
+               f"{' --with-7b' if args.with_7b else ''}{' --only ' + ' '.join(args.only) if args.only else ''}")
+    record(Path(args.results), heading, command, card, [
+        f"{args.steps} steps per run, merges every {args.steps // 2}, sample text, 32000-entry tokenizer.", "",
+        *table])
 
 
 if __name__ == "__main__":
