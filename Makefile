@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-train: setup                     ## the default recipe: ~7M-parameter ReLoRA NF4 on Shakespeare, CPU, ~6 min
+train: setup                     ## the default recipe: ~7M-parameter ReLoRA NF4 on Shakespeare, CPU, ~4 min
 	$(VENV)/bin/qrelora train recipes/tiny.toml
 
 test: setup                      ## the whole test suite (GPU tests skip without CUDA)

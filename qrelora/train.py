@@ -421,8 +421,9 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         wall = time.perf_counter() - started
+        change = f"{eval_loss:.4f}" if math.isnan(first_eval) else f"{first_eval:.4f} -> {eval_loss:.4f}"
         self.log.line(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {wall:.0f} s; "
-                      f"eval loss {first_eval:.4f} -> {eval_loss:.4f}")
+                      f"eval loss {change}")
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
 
