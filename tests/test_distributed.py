@@ -1,0 +1,22 @@
+"""Data parallelism through torchrun on CPU (gloo): every rank ends every merge with identical weights."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", ["exact", "stochastic"])
+def test_two_processes_end_with_identical_weights(tmp_path, merge):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    out = subprocess.run([torchrun, "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "ddp_identical.py"),
+                          str(tmp_path / "run"), merge], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "IDENTICAL" in out.stdout, out.stdout
