@@ -286,6 +286,7 @@ class Trainer:
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed until the next prepare
         self.optimizer = build_optimizer(self.recipe.optim, self.unwrapped, self.recipe.training.lr, self.device.type)
         if old_optimizer is not None:
             carry_state(old_optimizer, self.optimizer)
@@ -340,9 +341,8 @@ class Trainer:
                 loss = self.model(input_ids=batch, labels=batch).loss
                 self.accelerator.backward(loss / t.grad_accum)
             loss_sum += loss.detach()
-        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(params, clip))  # one host-device sync per step
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, clip))  # one host-device sync per step
         loss_mean = (self.accelerator.reduce(loss_sum, reduction="mean") / t.grad_accum).item()
         if math.isfinite(loss_mean) and math.isfinite(grad_norm):
             self.optimizer.step()

@@ -1,5 +1,6 @@
 """Checkpoints, exact resume, faults and bad input around a run, export and eval."""
 
+import dataclasses
 import io
 import json
 import os
@@ -109,7 +110,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_p
     assert resumed.resumed_from.name.startswith("step_") and resumed.state.step > 0  # ... and ignored
     steps_before = resumed.state.step
     resumed.recipe.training.steps = steps_before + 2  # finish quickly
-    resumed.schedule = resumed.schedule.__class__(**{**resumed.schedule.__dict__, "total_steps": steps_before + 2})
+    resumed.schedule = dataclasses.replace(resumed.schedule, total_steps=steps_before + 2)
     resumed.run()
     assert resumed.state.step == steps_before + 2
 

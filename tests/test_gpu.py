@@ -5,10 +5,10 @@ import torch
 
 from qrelora.config import QuantConfig, ReLoRAConfig
 from qrelora.quant import EightBitCodec, FourBitCodec, FrozenWeight
-from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, merge_and_reinit
+from qrelora.relora import ReLoRALinear, add_adapters, merge_and_reinit
 from qrelora.train import enable_activation_checkpointing
 
-from test_relora import randomize_adapters, tiny_model, tokens
+from test_relora import randomize_adapters, tiny_model, tokens, train_two_steps_checking_adapter_grads
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -75,17 +75,8 @@ def test_training_step_and_merge_on_cuda(bits):
                  training_dtype="bf16", device=CUDA)
     model.to(CUDA)
     enable_activation_checkpointing(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train_two_steps_checking_adapter_grads(model, CUDA)
     x = tokens().to(CUDA)
-    for step in range(2):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        if step == 1:
-            for layer in adapter_layers(model):
-                assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
-        opt.step()
-        opt.zero_grad()
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         before = model(input_ids=x).logits.float()

@@ -103,10 +103,17 @@ def test_adapters_get_gradients_through_activation_checkpointing(bits):
         assert p.requires_grad
     enable_activation_checkpointing(model)
     model.train()
+    train_two_steps_checking_adapter_grads(model, "cpu", vary_batch=True)
+
+
+def train_two_steps_checking_adapter_grads(model, device="cpu", vary_batch=False):
+    """Two bf16 AdamW steps; on the second every adapter's A and B must have a non-zero gradient (B starts
+    at zero, so A's gradient is zero until B has moved once)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(2):  # B starts at zero, so A's gradient is zero until B has moved once
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=tokens(step), labels=tokens(step)).loss
+    for step in range(2):
+        x = tokens(step if vary_batch else 0).to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         if step == 1:
             for layer in adapter_layers(model):
