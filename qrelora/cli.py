@@ -18,11 +18,17 @@ def _parser() -> argparse.ArgumentParser:
                                    "e.g. --training.steps=30 --relora.rank=64.")
     t.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
     t.add_argument("--no-live", action="store_true", help="plain log lines even on a terminal")
-    m = sub.add_parser("memory", help="estimate peak memory of a recipe and the largest micro-batch that fits")
-    m.add_argument("recipe")
-    m.add_argument("--budget", default="24GiB")
-    m.add_argument("--measure", type=int, default=0, metavar="STEPS")
-    m.add_argument("--json", action="store_true")
+    m = sub.add_parser("memory", help="estimate peak memory of a recipe and the largest micro-batch that fits",
+                       description="Peak device and host memory of a recipe by category, the verdict against a "
+                                   "budget (exit 3 if it does not fit) and the largest micro-batch that fits. "
+                                   "Recipe overrides work as for train.")
+    m.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
+    m.add_argument("--budget", default="24GiB", help="device memory to fit, e.g. 24GiB, 16GB, 12000MiB (default 24GiB)")
+    m.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                   help="also run STEPS real training steps (one merge included) and report measured peaks")
+    m.add_argument("--vocab-size", type=int, default=0, metavar="N",
+                   help="vocabulary size, when the recipe's tokenizer is not available offline (default: read it)")
+    m.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     e = sub.add_parser("eval", help="loss and perplexity of a checkpoint or model directory on held-out data")
     e.add_argument("path", help="a checkpoint directory, or a directory written by qrelora export")
     e.add_argument("--data", help="evaluate on this dataset instead of the run's (same spellings as data.dataset)")
@@ -65,6 +71,68 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     return EXIT_OK
 
 
+def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    import torch
+
+    from .config import RecipeError, load_recipe
+    from .memory import Estimator, measure, parse_bytes, render, vocab_size_of
+
+    recipe = load_recipe(args.recipe, overrides)
+    budget = parse_bytes(args.budget)
+    if args.measure < 0 or args.measure == 1:
+        raise RecipeError("--measure", [f"--measure {args.measure}: give at least 2 steps (the run ends with a merge), "
+                                        "e.g. --measure 20"])
+    if args.vocab_size < 0:
+        raise RecipeError("--vocab-size", [f"--vocab-size {args.vocab_size}: must be a positive number of tokens"])
+    vocab, source = vocab_size_of(recipe, args.vocab_size)
+    estimator = Estimator(recipe, vocab, budget, source, args.recipe)
+    estimate = estimator.estimate()
+    largest = estimator.largest_micro_batch(estimate)
+    measured = None
+    if args.measure:
+        try:
+            measured = measure(recipe, args.measure)
+        except torch.OutOfMemoryError:
+            print(f"error: out of device memory while measuring {args.measure} steps of {args.recipe}; the estimate "
+                  f"was {estimate.need / 2**30:.2f} GiB against a budget of {budget / 2**30:.2f} GiB. "
+                  f"{oom_advice(recipe, largest)} A memory snapshot is in {recipe.run_dir / 'memory'}.", file=sys.stderr)
+            return EXIT_DOES_NOT_FIT
+    if args.json:
+        from .memory import category_comparison, comparison
+
+        out = estimate.to_dict() | {"largest_micro_batch": largest}
+        if measured is not None:
+            out["measured"] = {"device_type": measured.device_type, "steps": measured.steps,
+                               "tokens_per_s": measured.tokens_per_s, "snapshot": measured.snapshot,
+                               "moments": comparison(estimate, measured)}
+            if measured.device_type == "cpu":
+                out["measured"]["categories"] = category_comparison(estimate, measured)
+        print(json.dumps(out))
+    else:
+        from rich.console import Console
+
+        render(estimate, largest, measured, Console())
+    return EXIT_OK if estimate.fits else EXIT_DOES_NOT_FIT
+
+
+def oom_advice(recipe, largest: int | None = None) -> str:
+    """A concrete next step after running out of device memory."""
+    t = recipe.training
+    if largest and largest < t.micro_batch_size:
+        accum = -(-t.micro_batch_size * t.grad_accum // largest)
+        return (f"Lower the micro-batch to what fits and keep the tokens per step with accumulation: "
+                f"--training.micro_batch_size={largest} --training.grad_accum={accum}.")
+    if not t.activation_checkpointing:
+        return "Turn on activation checkpointing: --training.activation_checkpointing=true."
+    if t.micro_batch_size > 1:
+        half = t.micro_batch_size // 2
+        return (f"Halve the micro-batch and double the accumulation: --training.micro_batch_size={half} "
+                f"--training.grad_accum={t.grad_accum * 2}.")
+    return "Use fewer bits for the frozen weights (--quant.bits=4), a smaller rank, or a shorter seq_len."
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export
 
@@ -105,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "eval":
             return cmd_eval(args)
-        print(f"qrelora {args.command}: not implemented yet", file=sys.stderr)
-        return EXIT_ERROR
+        return cmd_memory(args, overrides)
     except (RecipeError, DataError, CheckpointError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -57,6 +57,11 @@ class Codec:
     def quantize_stochastic(self, w: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def layout(self, shape: torch.Size) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The packed tensors `quantize` makes for a matrix of this shape: name -> (shape, dtype), without
+        quantizing anything (the memory estimator lays out a 7B model from this)."""
+        raise NotImplementedError
+
     def changed(self, old: dict[str, Tensor], new: dict[str, Tensor]) -> int:
         """How many stored values differ between two packings of the same matrix (without unpacking them
         into a full-size integer tensor: this runs on the accelerator during a merge)."""
@@ -77,6 +82,9 @@ class DenseCodec(Codec):
         # Always a copy: the stored weight must never alias the caller's tensor (e.g. an fp32 master on the
         # same device), or a later in-place merge would change both.
         return {"weight": w.to(self.dtype, copy=True).contiguous()}
+
+    def layout(self, shape):
+        return {"weight": (tuple(shape), self.dtype)}
 
     def dequantize(self, packed, shape, dtype):
         return packed["weight"].to(dtype)
@@ -163,6 +171,16 @@ class FourBitCodec(CodebookCodec):
                        "offset": st.offset.reshape(1)}
         return packed
 
+    def layout(self, shape):
+        n = math.prod(shape)
+        blocks = -(-n // self.blocksize)
+        out = {"packed": (((n + 1) // 2, 1), torch.uint8), "code": ((16,), torch.float32)}
+        if not self.double_quant:
+            return out | {"absmax": ((blocks,), torch.float32)}
+        # Double quantization: the per-block scales become 8-bit codes in blocks of 256 (bitsandbytes).
+        return out | {"absmax": ((blocks,), torch.uint8), "nested_absmax": ((-(-blocks // 256),), torch.float32),
+                      "nested_code": ((256,), torch.float32), "offset": ((1,), torch.float32)}
+
     def _quant_state(self, packed, shape, dtype):
         F = bnb_functional()
         nested = None
@@ -219,6 +237,11 @@ class EightBitCodec(CodebookCodec):
             self._code = F.create_linear_map(signed=True).to(w.device)
         q, st = F.quantize_blockwise(w.contiguous(), code=self._code, blocksize=self.blocksize)
         return {"codes": q, "absmax": st.absmax, "code": st.code}
+
+    def layout(self, shape):
+        blocks = -(-math.prod(shape) // self.blocksize)
+        return {"codes": (tuple(shape), torch.uint8), "absmax": ((blocks,), torch.float32),
+                "code": ((256,), torch.float32)}
 
     def dequantize(self, packed, shape, dtype):
         if packed["codes"].is_cuda:

@@ -78,14 +78,15 @@ def codec_for(quant: QuantConfig, training_dtype: str = "bf16") -> Codec:
 
 
 def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",
-                 mmap_dir: Path | None = None, seed: int = 0, device: torch.device | str | None = None
-                 ) -> list[ReLoRALinear]:
+                 mmap_dir: Path | None = None, seed: int = 0, device: torch.device | str | None = None,
+                 codec: Codec | None = None) -> list[ReLoRALinear]:
     """Replace every attention / MLP linear with a ReLoRALinear, one layer at a time.
 
     With `device` set, each linear is moved there just before it is quantized, so a model held in host
     memory is converted on the GPU with one fp32 layer of accelerator workspace (a 7B model in fp32 does
-    not fit a 24 GB card; its NF4 form does)."""
-    codec = codec_for(quant, training_dtype)
+    not fit a 24 GB card; its NF4 form does). `codec` replaces the recipe's storage format (the memory
+    estimator passes one that only lays out tensors)."""
+    codec = codec or codec_for(quant, training_dtype)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]

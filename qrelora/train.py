@@ -76,6 +76,10 @@ class ReLoRAPhase:
         """Freeze the attention / MLP linears into their storage format and attach fresh adapters."""
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
                      mmap_dir=self.run_dir / "master", seed=self.seed, device=device)
+        if device.type == "cuda":
+            # The replaced fp32 weights' blocks stay in the allocator's cache, fragmented; hand them back
+            # so that activations get fresh segments instead of raising the reserved peak.
+            torch.cuda.empty_cache()
         self.active = True
         # A few layers' weights at the start of the ReLoRA phase: the rank of what the merges add to them
         # is the paper's central claim, reported at every merge.
@@ -162,6 +166,12 @@ class Throughput:
         return (self.total_steps - step) / rate if rate > 0 else float("inf")
 
 
+def no_phases(name: str) -> contextlib.AbstractContextManager:
+    """The trainer marks the parts of a step (forward, backward, optimizer step, merge) with
+    `self.phases(name)`; the memory profiler replaces this no-op to measure each part."""
+    return contextlib.nullcontext()
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, log: PlainLog | None = None):
         from accelerate import Accelerator
@@ -197,6 +207,7 @@ class Trainer:
         self.relora = ReLoRAPhase(recipe, self.run_dir)
         self.state = TrainState()
         self.bad_steps_in_a_row = 0
+        self.phases = no_phases
 
         model = build_model(recipe.model, vocab_size=len(self.tokenizer), seq_len=recipe.data.seq_len, seed=t.seed,
                             eos_id=self.tokenizer.eos_token_id, device=self._build_device())
@@ -338,14 +349,17 @@ class Trainer:
             # Explicit autocast: accelerate patches forward with it only on the first prepare_model, so a
             # model re-prepared after the warm-start switch would silently train in fp32.
             with sync, self.accelerator.autocast():
-                loss = self.model(input_ids=batch, labels=batch).loss
-                self.accelerator.backward(loss / t.grad_accum)
+                with self.phases("forward"):
+                    loss = self.model(input_ids=batch, labels=batch).loss
+                with self.phases("backward"):
+                    self.accelerator.backward(loss / t.grad_accum)
             loss_sum += loss.detach()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(self.accelerator.clip_grad_norm_(self.trainable, clip))  # one host-device sync per step
         loss_mean = (self.accelerator.reduce(loss_sum, reduction="mean") / t.grad_accum).item()
         if math.isfinite(loss_mean) and math.isfinite(grad_norm):
-            self.optimizer.step()
+            with self.phases("optimizer step"):
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_mean, grad_norm
 
@@ -429,7 +443,8 @@ class Trainer:
 
     def _merge(self) -> None:
         self.state.merges += 1
-        r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
+        with self.phases("merge"):
+            r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
         ranks = ", ".join(str(v) for v in r["effective_rank"].values())
         self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
                        f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "

@@ -1,0 +1,913 @@
+"""How much memory a recipe needs, and with what micro-batch it fits: estimated, and measured.
+
+The estimate does not use rules of thumb. It builds the recipe's model under torch's FakeTensorMode, where
+every tensor has its real shape, dtype and device but holds no data, converts it to ReLoRA form with the
+real layer code (the frozen weights laid out exactly as their codec would store them), and runs one
+micro-batch forward and backward, with the recipe's autocast and activation checkpointing, under a
+`StorageTracker` that follows every tensor storage from creation to release. The peak of live bytes, split
+by what each storage is, gives the weights, gradients, activations and logits. What no tensor of the step
+shows is added from the optimizer's storage format (`optimizer_state_bytes`), the merge's known
+temporaries (`merge_workspace_bytes`) and, on CUDA, the allocator's reserve and the CUDA context.
+
+`measure` runs real training steps (one merge included) of the same recipe and records the peak of each
+phase: on CUDA from torch's allocator statistics, with a memory snapshot written to the run directory; on
+CPU from the same tracker following the real tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .config import Recipe, RecipeError
+from .quant import Codec, FrozenWeight
+from .relora import ReLoRALinear, add_adapters, codec_for
+
+GiB = 2**30
+
+# CUDA figures no tensor shows. The allocator's reserve is the measured ratio of reserved to allocated
+# memory of a full-rank 1.3B run on an H200 (16.22 / 14.12 GiB, benchmarks/RESULTS.md). The context
+# (kernels, cuBLAS workspace) is an assumption, usually 0.3-0.6 GiB; tools/measure_gpu.py records it.
+ALLOCATOR_RESERVE = 0.15
+CUDA_CONTEXT_BYTES = GiB // 2
+# bitsandbytes' 8-bit optimizers keep 32-bit states for tensors under this many values, and one fp32
+# scale per block of this many values otherwise (bnb.optim.Optimizer8bit defaults).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_STATE_BLOCKSIZE = 256
+
+DEVICE_CATEGORIES = (
+    "frozen weights", "adapters", "full-rank weights", "gradients", "optimizer states", "activations",
+    "logits and loss", "optimizer step workspace", "merge workspace", "allocator reserve", "CUDA context")
+HOST_CATEGORIES = ("master copy", "residual", "rank-probe copies", "fp32 model while building")
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '20000MiB', '1.5T' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise RecipeError("--budget", [f"{text!r} is not a memory size: write it like 24GiB, 24GB or 20000MiB"])
+    number, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = "KMGT".index(prefix) + 1 if prefix else 0
+    return int(number * (1024 if binary or not prefix else 1000) ** power) if prefix else int(number)
+
+
+# --------------------------------------------------------------------------------------------------
+# Following tensor storages
+
+
+class StorageTracker(TorchDispatchMode):
+    """Live bytes of every tensor storage it has been shown, and their peak in each phase.
+
+    Storages are registered with a category (`register`) or, for the outputs of every op run while the
+    tracker is active, with the current `category` (tensors whose last dimension is the vocabulary are
+    "logits and loss"). An output that shares storage with an input (a view, an in-place op) is not new
+    memory and is not counted. A storage leaves the count when torch frees it.
+    """
+
+    def __init__(self, vocab_size: int = 0):
+        super().__init__()
+        self.vocab_size = vocab_size
+        # Storage keys (the address of the storage) are reused once a storage is freed, so each tracked
+        # storage also gets a serial number; snapshots are by serial number.
+        self.live: dict[int, tuple[int, int, str]] = {}
+        """Storage key -> (serial, bytes, category)."""
+        self._serial = 0
+        self.total = 0
+        self.phase = "idle"
+        self.category = "activations"
+        self.peak: dict[str, int] = {}
+        self.at_peak: dict[str, dict[int, tuple[int, str]]] = {}
+        """Phase -> serial -> (bytes, category) of the storages live at the phase's peak."""
+        self._rising = False
+
+    def register(self, t: Tensor, category: str) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live or storage.nbytes() == 0:
+            return
+        self._serial += 1
+        self.live[key] = (self._serial, storage.nbytes(), category)
+        self.total += storage.nbytes()
+        weakref.finalize(storage, self._free, key, self._serial)
+        if self.total > self.peak.get(self.phase, -1):
+            self.peak[self.phase] = self.total
+            self._rising = True
+
+    def _snapshot(self) -> dict[int, tuple[int, str]]:
+        return {serial: (nbytes, category) for serial, nbytes, category in self.live.values()}
+
+    def _free(self, key: int, serial: int) -> None:
+        if key not in self.live or self.live[key][0] != serial:
+            return
+        if self._rising:  # the total is about to fall from a local maximum: remember what made it
+            self.at_peak[self.phase] = self._snapshot()
+            self._rising = False
+        self.total -= self.live.pop(key)[1]
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str, category: str | None = None):
+        """Peaks inside the block are the phase's; new storages get `category` (default: activations)."""
+        previous = self.phase, self.category
+        self.phase, self.category = phase, category or "activations"
+        if self.total > self.peak.get(phase, -1):
+            self.peak[phase] = self.total
+            self._rising = True
+        try:
+            yield
+        finally:
+            if self._rising:
+                self.at_peak[self.phase] = self._snapshot()
+                self._rising = False
+            self.phase, self.category = previous
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor) and t.untyped_storage()._cdata not in inputs:
+                vocab = self.vocab_size and t.ndim >= 2 and t.shape[-1] == self.vocab_size
+                self.register(t, "logits and loss" if vocab and self.category == "activations" else self.category)
+        return out
+
+    def by_category(self, phase: str, roles: dict[int, str] | None = None) -> dict[str, int]:
+        """Bytes by category at the phase's peak. `roles` (storage key -> category, from `roles_of`) names
+        what the storages still alive are now, overriding the category they were created with (a
+        gradient is born as the output of an op of the backward)."""
+        now = {self.live[key][0]: category for key, category in (roles or {}).items() if key in self.live}
+        out: dict[str, int] = {}
+        for serial, (nbytes, category) in self.at_peak.get(phase, {}).items():
+            category = now.get(serial, category)
+            out[category] = out.get(category, 0) + nbytes
+        return out
+
+
+def roles_of(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             extra: dict[str, list[Tensor]] | None = None) -> dict[int, str]:
+    """What each of the model's and optimizer's storages (and `extra` ones, by category) is, by storage key."""
+    roles: dict[int, str] = {}
+
+    def put(t: Tensor | None, category: str) -> None:
+        if isinstance(t, Tensor) and t.untyped_storage().nbytes():
+            roles.setdefault(t.untyped_storage()._cdata, category)
+
+    for module in model.modules():
+        if isinstance(module, FrozenWeight):
+            for b in module.buffers(recurse=False):
+                put(b, "frozen weights")
+            if module.host is not None:
+                put(module.host.tensor, "master copy" if module.merge_mode == "exact" else "residual")
+        elif isinstance(module, ReLoRALinear):
+            for p in (module.lora_A, module.lora_B):
+                put(p.grad, "gradients")
+                put(p, "adapters")
+    for p in model.parameters():
+        put(p.grad, "gradients")
+        put(p, "full-rank weights")
+    for b in model.buffers():
+        put(b, "full-rank weights")
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for t in state.values():
+                put(t, "optimizer states")
+    for category, tensors in (extra or {}).items():
+        for t in tensors:
+            put(t, category)
+    return roles
+
+
+def register_all(tracker: StorageTracker, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    for key_tensor, category in _tensors_with_roles(model, optimizer):
+        tracker.register(key_tensor, category)
+
+
+def _tensors_with_roles(model, optimizer):
+    roles = roles_of(model, optimizer)
+    seen = set()
+    tensors = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [m.host.tensor for m in model.modules() if isinstance(m, FrozenWeight) and m.host is not None]
+    if optimizer is not None:
+        tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+    for t in tensors:
+        key = t.untyped_storage()._cdata
+        if key in roles and key not in seen:
+            seen.add(key)
+            yield t, roles[key]
+
+
+def bytes_by_role(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t, category in _tensors_with_roles(model, optimizer):
+        out[category] = out.get(category, 0) + t.untyped_storage().nbytes()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# What no tensor of a forward / backward shows
+
+
+def optimizer_state_bytes(params: list[Tensor], name: str) -> int:
+    """Bytes of the optimizer's state for these parameters once it has stepped: torch AdamW keeps two
+    moments in the parameter's dtype; bitsandbytes' 8-bit AdamW keeps two uint8 moments plus one fp32
+    scale per 256 values each (32-bit moments for small tensors); its code tables are shared."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        if name == "adamw" or n < BNB_MIN_8BIT_SIZE:
+            total += 2 * n * (p.element_size() if name == "adamw" else 4)
+        else:
+            total += 2 * n + 2 * 4 * -(-n // BNB_STATE_BLOCKSIZE)
+    return total
+
+
+def optimizer_step_workspace(params: list[Tensor], name: str, device_type: str) -> int:
+    """Temporaries of one optimizer step: torch AdamW's multi-tensor path on CUDA builds the square root
+    of every second moment at once; its per-tensor path (CPU) two temporaries of the largest tensor.
+    bitsandbytes' 8-bit step updates in place."""
+    if name != "adamw" or not params:
+        return 0
+    if device_type == "cuda":
+        return sum(p.numel() * p.element_size() for p in params)
+    return 2 * max(p.numel() * p.element_size() for p in params)
+
+
+def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: str) -> int:
+    """Device temporaries of merging the largest layer (merges run one layer at a time, after the step's
+    gradients are freed): the fp32 update s*B@A, plus, by merge mode, the master copy brought to the
+    device (exact, CUDA only: on CPU it already lives there), or the dequantized target (the other modes;
+    stochastic rounding adds its neighbour search), and the new codes next to the old."""
+    if not layers:
+        return 0
+    layer = max(layers, key=lambda l: l.base.numel())
+    fp32 = 4 * layer.base.numel()
+    packed = layer.base.packed_bytes()
+    if merge == "exact":
+        return max(fp32, (fp32 if device_type == "cuda" else 0) + packed)
+    extra = {"error_feedback": fp32, "naive": 0, "stochastic": 8 * fp32}[merge]
+    return 2 * fp32 + packed + extra
+
+
+class LayoutCodec(Codec):
+    """Stands in for a codec under FakeTensorMode: `quantize` lays out exactly the tensors the real codec
+    would store, `dequantize` makes the full-size matrix the real one would make."""
+
+    def __init__(self, codec: Codec):
+        self.codec, self.name, self.main_key = codec, codec.name, codec.main_key
+
+    def quantize(self, w):
+        return {k: torch.empty(shape, dtype=dtype, device=w.device) for k, (shape, dtype) in self.codec.layout(w.shape).items()}
+
+    quantize_stochastic = lambda self, w, generator: self.quantize(w)  # noqa: E731
+
+    def dequantize(self, packed, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=next(iter(packed.values())).device)
+
+    def layout(self, shape):
+        return self.codec.layout(shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Simulation:
+    """One micro-batch forward and backward of the recipe's model, run on fake tensors."""
+
+    static: dict[str, int]
+    """Bytes by category of the weights, gradients and host copies."""
+    forward: dict[str, int]
+    """Live bytes by category at the forward's peak (static included)."""
+    backward: dict[str, int]
+    trainable: list[Tensor]
+    layers: list[ReLoRALinear]
+    fp32_model_bytes: int
+
+
+def _fake_model(recipe: Recipe, vocab_size: int, depth: int | None) -> nn.Module:
+    """The recipe's model (with `depth` decoder blocks instead of its own, if given)."""
+    from .models import build_model, resolve_shape
+
+    if not recipe.model.init_from:
+        cfg = recipe.model
+        if depth:
+            s = resolve_shape(cfg)
+            cfg = dataclasses.replace(cfg, preset="custom", hidden_size=s.hidden_size, num_heads=s.num_heads,
+                                      mlp_size=s.mlp_size, num_layers=depth)
+        return build_model(cfg, vocab_size=vocab_size, seq_len=recipe.data.seq_len, device="cpu")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(recipe.model.init_from)
+    config.use_cache = False
+    config.num_hidden_layers = depth or config.num_hidden_layers
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+class Simulator:
+    """The recipe's model on fake tensors, in full-rank or ReLoRA form, ready to run micro-batches.
+
+    With gradient accumulation the worst micro-batch is a later one, whose backward adds into gradients
+    that already exist; without it, gradients appear during the backward as activations are freed.
+    """
+
+    def __init__(self, recipe: Recipe, vocab_size: int, relora: bool, checkpointing: bool, depth: int | None = None):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from .train import enable_activation_checkpointing
+
+        self.recipe, self.vocab_size = recipe, vocab_size
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            self.model = _fake_model(recipe, vocab_size, depth)
+            self.depth = self.model.config.num_hidden_layers
+            self.fp32_model_bytes = sum(p.numel() * 4 for p in self.model.parameters())
+            if checkpointing:
+                enable_activation_checkpointing(self.model)
+            self.layers = []
+            if relora:
+                self.layers = add_adapters(self.model, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype,
+                                           codec=LayoutCodec(codec_for(recipe.quant, recipe.training.dtype)))
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if recipe.training.grad_accum > 1:
+                for p in self.trainable:
+                    p.grad = torch.zeros_like(p)
+            self.static = bytes_by_role(self.model)
+            self.static["gradients"] = sum(p.numel() * p.element_size() for p in self.trainable)
+
+    def run(self, micro_batch: int) -> Simulation:
+        bf16 = self.recipe.training.dtype == "bf16"
+        with self.mode:
+            if self.recipe.training.grad_accum == 1:
+                for p in self.trainable:
+                    p.grad = None
+            tracker = StorageTracker(self.vocab_size)
+            register_all(tracker, self.model)
+            batch = torch.zeros((micro_batch, self.recipe.data.seq_len), dtype=torch.long)
+            self.model.train()
+            with tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                with tracker.in_phase("forward"):
+                    loss = self.model(input_ids=batch, labels=batch).loss
+                with tracker.in_phase("backward"):
+                    loss.backward()
+                    del loss
+            roles = roles_of(self.model)
+        return Simulation(self.static, tracker.by_category("forward", roles), tracker.by_category("backward", roles),
+                          self.trainable, self.layers, self.fp32_model_bytes)
+
+
+@dataclass
+class PhaseEstimate:
+    """One phase of a run (full-rank warm start, ReLoRA): device bytes by category at each moment of a step."""
+
+    name: str
+    parts: dict[str, dict[str, int]]
+    """Moment (build, forward, backward, optimizer step, merge) -> category -> device bytes."""
+    after_build: dict[str, int]
+    """Device bytes by category once the model is built (weights only)."""
+    workspaces: dict[str, int]
+    """Transient categories, whether or not they are part of the peak moment."""
+    activations: dict[bool, int]
+    """Activations + logits at the peak of forward/backward, with (True) and without (False) checkpointing."""
+    host: dict[str, int]
+    paged: int
+    """Optimizer-state bytes in CUDA managed (paged) memory, which torch's allocator does not count."""
+
+    @property
+    def moments(self) -> dict[str, int]:
+        return {k: sum(v.values()) for k, v in self.parts.items()}
+
+    @property
+    def peak_moment(self) -> str:
+        moments = self.moments
+        return max(moments, key=moments.get)
+
+    @property
+    def device(self) -> dict[str, int]:
+        return self.parts[self.peak_moment]
+
+    @property
+    def need(self) -> int:
+        return self.moments[self.peak_moment]
+
+    def tensor_bytes(self, moment: str) -> int:
+        """What a measurement sees at this moment: tensors in torch's allocator (no CUDA context, no
+        allocator reserve, no paged optimizer states)."""
+        parts = self.after_build if moment == "after build" else self.parts.get(moment)
+        if parts is None:
+            return 0
+        paged = self.paged if "optimizer states" in parts else 0
+        return sum(v for k, v in parts.items() if k not in ("allocator reserve", "CUDA context")) - paged
+
+
+@dataclass
+class Estimate:
+    recipe: str
+    device_type: str
+    micro_batch_size: int
+    seq_len: int
+    vocab_size: int
+    vocab_source: str
+    optimizer: str
+    checkpointing: bool
+    budget: int
+    phases: list[PhaseEstimate]
+    largest_micro_batch: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def device_need(self) -> int:
+        return max(p.need for p in self.phases)
+
+    @property
+    def host_need(self) -> int:
+        """Host memory at the run's busiest moment (on CPU the device is host memory too)."""
+        return max(sum(v for k, v in p.host.items() if "disk" not in k) for p in self.phases)
+
+    @property
+    def need(self) -> int:
+        """What has to fit the budget: device memory, plus host memory when the device is the CPU."""
+        return self.device_need + (self.host_need if self.device_type == "cpu" else 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.budget
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for p, phase in zip(d["phases"], self.phases):
+            p |= {"need": phase.need, "peak_moment": phase.peak_moment, "device": phase.device,
+                  "moments": phase.moments}
+            p["activations"] = {"checkpointing_on": phase.activations.get(True),
+                                "checkpointing_off": phase.activations.get(False)}
+        return d | {"device_need": self.device_need, "host_need": self.host_need, "need": self.need, "fits": self.fits,
+                    "headroom": 1 - self.need / self.budget}
+
+
+def device_type_of(recipe: Recipe) -> str:
+    if recipe.training.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return recipe.training.device
+
+
+def _phases_of(recipe: Recipe) -> list[tuple[str, bool]]:
+    r, steps = recipe.relora, recipe.training.steps
+    if not r.enabled:
+        return [("full-rank", False)]
+    relora = (f"ReLoRA (steps {r.warm_start_steps:,}-{steps:,})", True)
+    return ([(f"full-rank warm start (steps 0-{r.warm_start_steps:,})", False)] if r.warm_start_steps else []) + [relora]
+
+
+class Estimator:
+    """Estimates of one recipe at any micro-batch size (each fake model is built once)."""
+
+    def __init__(self, recipe: Recipe, vocab_size: int, budget: int, vocab_source: str = "", recipe_name: str = ""):
+        from .optim import resolve_optimizer_name
+
+        self.recipe, self.vocab_size, self.budget = recipe, vocab_size, budget
+        self.vocab_source, self.recipe_name = vocab_source, recipe_name
+        self.device_type = device_type_of(recipe)
+        self.optimizer = resolve_optimizer_name(recipe.optim, self.device_type)
+        self._simulators: dict[tuple, Simulator] = {}
+
+    def simulator(self, relora: bool, checkpointing: bool, depth: int | None = None) -> Simulator:
+        key = (relora, checkpointing, depth)
+        if key not in self._simulators:
+            self._simulators[key] = Simulator(self.recipe, self.vocab_size, relora, checkpointing, depth)
+        return self._simulators[key]
+
+    def estimate(self, micro_batch: int | None = None, compare_checkpointing: bool = True) -> Estimate:
+        """Device and host memory of every phase of the recipe. The activations with checkpointing switched
+        the other way come from models of depth 1 and 2 (decoder blocks are identical, so they grow by the
+        same bytes per block)."""
+        t0 = time.perf_counter()
+        r = self.recipe
+        micro_batch = micro_batch or r.training.micro_batch_size
+        checkpointing = r.training.activation_checkpointing
+        phases = []
+        for i, (name, relora) in enumerate(_phases_of(r)):
+            sim = self.simulator(relora, checkpointing).run(micro_batch)
+            phase = _phase(r, name, sim, self.optimizer, self.device_type, self.budget, first=i == 0)
+            phase.activations[checkpointing] = _activations(sim)
+            if compare_checkpointing:
+                one, two = (_activations(self.simulator(relora, not checkpointing, d).run(micro_batch)) for d in (1, 2))
+                phase.activations[not checkpointing] = one + (self.simulator(relora, checkpointing).depth - 1) * (two - one)
+            phases.append(phase)
+        return Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
+                        self.vocab_source, self.optimizer, checkpointing, self.budget, phases,
+                        seconds=time.perf_counter() - t0)
+
+    def largest_micro_batch(self, at: Estimate, limit: int = 4096) -> int:
+        """The largest micro-batch whose estimate fits the budget (0 if not even one sequence does).
+
+        Every moment of a step needs a + b * micro_batch bytes (activations grow linearly with it), so the
+        estimate at one sequence and `at` give each moment's line; the answer is checked with one more
+        estimate and lowered if the lines were optimistic."""
+
+        def estimate(m: int) -> Estimate:
+            return at if m == at.micro_batch_size else self.estimate(m, compare_checkpointing=False)
+
+        m0 = at.micro_batch_size if at.micro_batch_size > 1 else 2
+        low, high = estimate(1), estimate(m0)
+        if low.need > self.budget:
+            return 0
+        best = limit
+        for p_low, p_high in zip(low.phases, high.phases):
+            for moment, a in p_low.moments.items():
+                slope = (p_high.moments[moment] - a) / (m0 - 1)
+                if slope > 0:
+                    best = min(best, 1 + int((self.budget - a) // slope))
+        m = max(best, 1)
+        while m > 1 and estimate(m).need > self.budget:
+            m = max(1, m - max(1, m // 32))
+        return m
+
+
+def _device_part(d: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in d.items() if k not in HOST_CATEGORIES and v}
+
+
+def _activations(s: Simulation) -> int:
+    """Activations + logits at the peak of forward / backward."""
+    return max(s.forward.get("activations", 0) + s.forward.get("logits and loss", 0),
+               s.backward.get("activations", 0) + s.backward.get("logits and loss", 0))
+
+
+def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_type: str, budget: int,
+           first: bool) -> PhaseEstimate:
+    opt = {"optimizer states": optimizer_state_bytes(sim.trainable, optimizer)}
+    static = _device_part(sim.static)
+    workspaces = {"optimizer step workspace": optimizer_step_workspace(sim.trainable, optimizer, device_type)}
+    candidates = {
+        "forward": _device_part(sim.forward) | opt,
+        "backward": _device_part(sim.backward) | opt,
+        "optimizer step": static | opt | workspaces,
+    }
+    if sim.layers:
+        workspaces["merge workspace"] = merge_workspace_bytes(sim.layers, recipe.quant.merge, device_type)
+        candidates["merge"] = {k: v for k, v in static.items() if k != "gradients"} | opt | {
+            "merge workspace": workspaces["merge workspace"]}
+    # Building: the trainer initialises the fp32 model on the GPU when it takes under half the free memory,
+    # else in host memory, from where the conversion quantizes one layer at a time onto the GPU.
+    host: dict[str, int] = {}
+    if first:
+        if device_type == "cpu" or sim.fp32_model_bytes < budget / 2:
+            candidates["build"] = {"full-rank weights": sim.fp32_model_bytes}
+        else:
+            host["fp32 model while building"] = sim.fp32_model_bytes
+    for key in ("master copy", "residual"):
+        if sim.static.get(key):
+            where = " (mmap file on disk)" if key == "master copy" and recipe.quant.master == "mmap" else ""
+            host[key + where] = sim.static[key]
+    if sim.layers:  # three layers' starting weights, to report the rank of what the merges add
+        picks = sorted({0, len(sim.layers) // 2, len(sim.layers) - 1})
+        host["rank-probe copies"] = sum(4 * sim.layers[i].base.numel() for i in picks)
+    paged = opt["optimizer states"] if device_type == "cuda" and optimizer.startswith("paged") else 0
+    if device_type == "cuda":
+        for parts in candidates.values():
+            allocated = sum(parts.values()) - (paged if "optimizer states" in parts else 0)
+            parts["allocator reserve"] = int(ALLOCATOR_RESERVE * allocated)
+            parts["CUDA context"] = CUDA_CONTEXT_BYTES
+    after_build = {k: v for k, v in static.items() if k != "gradients"}
+    return PhaseEstimate(name, candidates, after_build, workspaces, {}, host, paged)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring real steps
+
+MOMENTS = ("after build", "forward", "backward", "optimizer step", "merge")
+
+
+@dataclass
+class Measurement:
+    """Measured peaks of real training steps, by training phase and moment of the step."""
+
+    device_type: str
+    steps: int
+    peaks: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Training phase -> moment -> peak bytes (CUDA: allocated)."""
+    reserved: dict[str, dict[str, int]] = field(default_factory=dict)
+    """CUDA only: training phase -> moment -> peak reserved bytes."""
+    categories: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    """CPU only: training phase -> moment -> bytes by category at that moment's peak."""
+    tokens_per_s: float = 0.0
+    snapshot: str | None = None
+
+    def record(self, phase: str, moment: str, peak: int, reserved: int | None = None,
+               categories: dict[str, int] | None = None) -> None:
+        if peak >= self.peaks.setdefault(phase, {}).get(moment, -1):
+            self.peaks[phase][moment] = peak
+            if categories is not None:
+                self.categories.setdefault(phase, {})[moment] = categories
+        if reserved is not None:
+            self.reserved.setdefault(phase, {})[moment] = max(reserved, self.reserved.get(phase, {}).get(moment, 0))
+
+
+def _measurement_recipe(recipe: Recipe, steps: int) -> Recipe:
+    """The recipe cut to `steps` steps with the same phases: half of them full-rank when it has a warm
+    start, then one ReLoRA cycle ending in a merge. No evaluation beyond one batch, no checkpoints."""
+    r, t = recipe.relora, recipe.training
+    warm = steps // 2 if r.enabled and r.warm_start_steps else 0
+    return dataclasses.replace(
+        recipe,
+        run=dataclasses.replace(recipe.run, output_dir=str(recipe.run_dir / "memory"), tensorboard=False),
+        training=dataclasses.replace(t, steps=steps, warmup_steps=0, eval_every=0, log_every=steps),
+        relora=dataclasses.replace(r, warm_start_steps=warm, restart_every=steps - warm, restart_warmup=0),
+        data=dataclasses.replace(recipe.data, eval_tokens=t.micro_batch_size * recipe.data.seq_len),
+        checkpoint=dataclasses.replace(recipe.checkpoint, every=0, resume="never"),
+    )
+
+
+class _CudaPhases:
+    """Peak allocated / reserved memory of each marked part of a step, from torch's CUDA statistics."""
+
+    def __init__(self, measurement: Measurement, trainer):
+        self.m, self.trainer = measurement, trainer
+
+    @contextlib.contextmanager
+    def __call__(self, moment: str):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        yield
+        torch.cuda.synchronize()
+        self.m.record(_training_phase(self.trainer), moment, torch.cuda.max_memory_allocated(),
+                      torch.cuda.max_memory_reserved())
+
+
+class _TrackedPhases:
+    """Peak live tensor bytes of each marked part of a step, by category, from a StorageTracker."""
+
+    CATEGORY = {"optimizer step": "optimizer step workspace", "merge": "merge workspace"}
+
+    def __init__(self, measurement: Measurement, trainer, tracker: StorageTracker):
+        self.m, self.trainer, self.tracker = measurement, trainer, tracker
+
+    @contextlib.contextmanager
+    def __call__(self, moment: str):
+        phase = _training_phase(self.trainer)
+        key = f"{phase}: {moment}"
+        self.tracker.peak.pop(key, None)
+        self.tracker.at_peak.pop(key, None)
+        with self.tracker.in_phase(key, self.CATEGORY.get(moment)):
+            yield
+        relora = self.trainer.relora
+        probes = [start for _, start in relora.rank_probes.values()] if relora.active else []
+        roles = roles_of(self.trainer.unwrapped, self.trainer.optimizer, {"rank-probe copies": probes})
+        self.m.record(phase, moment, self.tracker.peak[key], categories=self.tracker.by_category(key, roles))
+
+
+def _training_phase(trainer) -> str:
+    return "ReLoRA" if trainer.relora.active else "full-rank"
+
+
+def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
+    """Run `steps` real training steps of the recipe (one merge included) and record each moment's peak.
+
+    On CUDA the allocator's peaks are read and a memory snapshot (open it at pytorch.org/memory_viz) is
+    written to <run dir>/memory/memory_snapshot.pickle, also when the run goes out of memory. On CPU a
+    StorageTracker follows every real tensor."""
+    import sys
+
+    from .monitor import PlainLog
+    from .train import Trainer
+
+    r = _measurement_recipe(recipe, steps)
+    cuda = device_type_of(r) == "cuda"
+    m = Measurement("cuda" if cuda else "cpu", steps)
+    snapshot = r.run_dir / "memory_snapshot.pickle"
+    if cuda:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        trainer = Trainer(r, log or PlainLog(sys.stderr))  # stdout stays for the report (--json)
+        if cuda:
+            m.record(_training_phase(trainer), "after build", torch.cuda.memory_allocated(),
+                     torch.cuda.memory_reserved())
+            trainer.phases = _CudaPhases(m, trainer)
+            tracking = contextlib.nullcontext()
+        else:
+            tracker = StorageTracker(len(trainer.tokenizer))
+            register_all(tracker, trainer.unwrapped, trainer.optimizer)
+            m.record(_training_phase(trainer), "after build", tracker.total,
+                     categories=bytes_by_role(trainer.unwrapped, trainer.optimizer))
+            trainer.phases = _TrackedPhases(m, trainer, tracker)
+            tracking = tracker
+        timed_steps, seconds = 0, 0.0
+        with tracking:
+            for step in range(steps):
+                if trainer.relora.switch_due(step):
+                    trainer.switch_to_relora()
+                t0 = time.perf_counter()
+                trainer.train_step(trainer.schedule(step))
+                if step:  # the first step pays for lazy initialisation
+                    timed_steps, seconds = timed_steps + 1, seconds + time.perf_counter() - t0
+                trainer.state.step += 1
+                if trainer.schedule.merges_after(step):
+                    trainer._merge()
+        m.tokens_per_s = timed_steps * r.tokens_per_step / seconds if seconds else 0.0
+    except torch.OutOfMemoryError:
+        if cuda:
+            _dump_snapshot(snapshot)
+            m.snapshot = str(snapshot)
+        raise
+    if cuda:
+        _dump_snapshot(snapshot)
+        m.snapshot = str(snapshot)
+    return m
+
+
+def _dump_snapshot(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._dump_snapshot(str(path))
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary, comparison and output
+
+ASSUMED_VOCAB = 32000  # the LLaMA / ReLoRA-paper vocabulary
+
+
+def vocab_size_of(recipe: Recipe, given: int | None = None) -> tuple[int, str]:
+    """The vocabulary size (it sets the embeddings, the head and the logits) and where it came from.
+    A hub tokenizer is read from the local cache only; when it is not there the LLaMA size is assumed,
+    and said, rather than waiting on the network."""
+    from .data import load_tokenizer
+
+    if given:
+        return given, "--vocab-size"
+    if recipe.model.init_from:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(recipe.model.init_from).vocab_size, recipe.model.init_from
+    spec = recipe.data.tokenizer
+    if spec == "sample" or Path(spec).expanduser().is_dir():
+        return len(load_tokenizer(spec)), spec
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(spec, local_files_only=True)), spec
+    except Exception:  # noqa: BLE001 - not cached (or not a tokenizer): assume, and say so
+        return ASSUMED_VOCAB, f"assumed: {spec} is not in the local cache; set it with --vocab-size N"
+
+
+def comparison(e: Estimate, m: Measurement) -> list[dict]:
+    """Estimated next to measured bytes for every measured moment; the error is relative to the measured
+    peak of the run (the figure a budget is about)."""
+    top = max(v for d in m.peaks.values() for v in d.values())
+    rows = []
+    for phase, moments in m.peaks.items():
+        est_phase = next(p for p in e.phases if p.name.startswith(phase))
+        for moment in MOMENTS:
+            if moment not in moments:
+                continue
+            host = sum(v for k, v in m.categories.get(phase, {}).get(moment, {}).items() if k in HOST_CATEGORIES)
+            measured = moments[moment] - host
+            estimated = est_phase.tensor_bytes(moment)
+            rows.append({"phase": phase, "moment": moment, "estimated": estimated, "measured": measured,
+                         "reserved": m.reserved.get(phase, {}).get(moment),
+                         "error": (estimated - measured) / top})
+    return rows
+
+
+def category_comparison(e: Estimate, m: Measurement) -> dict[str, dict]:
+    """CPU measurements: for each training phase, estimated and measured bytes by category at the phase's
+    measured peak moment, with the error relative to the run's measured peak."""
+    top = max(v for d in m.peaks.values() for v in d.values())
+    out = {}
+    for phase, moments in m.peaks.items():
+        moment = max(moments, key=moments.get)
+        est_phase = next(p for p in e.phases if p.name.startswith(phase))
+        est = est_phase.after_build if moment == "after build" else est_phase.parts[moment]
+        meas = m.categories.get(phase, {}).get(moment, {})
+        names = [c for c in DEVICE_CATEGORIES if est.get(c) or meas.get(c)] + [c for c in HOST_CATEGORIES if meas.get(c)]
+        rows = []
+        for c in names:
+            estimated = est.get(c, est_phase.host.get(c, 0))
+            rows.append({"category": c, "estimated": estimated, "measured": meas.get(c, 0),
+                         "error": (estimated - meas.get(c, 0)) / top})
+        out[phase] = {"moment": moment, "categories": rows}
+    return out
+
+
+MiB = 2**20
+
+
+def _unit(largest: int) -> tuple[int, str]:
+    return (GiB, "GiB") if largest >= GiB else (MiB, "MiB")
+
+
+def _fmt(n: int | None, unit: int) -> str:
+    return "" if n is None else f"{n / unit:.2f}"
+
+
+NOTES = {
+    "frozen weights": "codes and block scales of the frozen linears",
+    "adapters": "A and B of every adapted linear, fp32",
+    "full-rank weights": "embeddings, norms, head (all weights when full-rank), fp32",
+    "gradients": "fp32, one per trainable weight",
+    "activations": "saved for backward, and temporaries",
+    "logits and loss": "micro-batch x sequence x vocabulary: logits, fp32 copy, log-softmax, gradient",
+    "optimizer step workspace": "temporaries of the optimizer step",
+    "merge workspace": "merging the largest layer (one layer at a time)",
+    "allocator reserve": f"{ALLOCATOR_RESERVE:.0%} of allocated (measured reserved/allocated ratio)",
+    "CUDA context": "assumed (kernels, cuBLAS workspace)",
+    "master copy": "fp32 master of every frozen weight (exact merges)",
+    "residual": "bf16 rounding residual (error-feedback merges)",
+    "rank-probe copies": "three layers' starting weights (effective-rank report)",
+    "fp32 model while building": "the model is initialised in host memory, then quantized layer by layer",
+}
+
+
+def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
+    from rich.table import Table
+
+    r_cpu = e.device_type == "cpu"
+    console.print(f"[bold]qrelora memory[/] {e.recipe}")
+    console.print(f"{e.device_type}, micro-batch {e.micro_batch_size} x {e.seq_len} tokens, vocabulary "
+                  f"{e.vocab_size:,} ({e.vocab_source}), optimizer {e.optimizer}, activation checkpointing "
+                  f"{'on' if e.checkpointing else 'off'}")
+    unit, unit_name = _unit(e.need)
+    _gib = lambda n: _fmt(n, unit)  # noqa: E731
+    table = Table(title=f"{unit_name} at each phase's peak moment; (x) = at another moment, not in the peak",
+                  title_justify="left")
+    table.add_column("device")
+    for p in e.phases:
+        table.add_column(p.name.replace(" (", "\n("), justify="right")
+    table.add_column("what", style="dim")
+    for c in DEVICE_CATEGORIES:
+        cells = []
+        for p in e.phases:
+            if c in p.device:
+                cells.append(_gib(p.device[c]))
+            elif c in p.workspaces or any(c in parts for parts in p.parts.values()):
+                other = max(parts.get(c, 0) for parts in p.parts.values())
+                cells.append(f"({_gib(p.workspaces.get(c, other))})")
+            else:
+                cells.append("")
+        if any(cells):
+            note = NOTES.get(c, "")
+            if c == "optimizer states":
+                note = e.optimizer + (" (paged: can spill to host memory)" if e.optimizer.startswith("paged") else "")
+            table.add_row(c, *cells, note)
+    flipped = [f"({_gib(p.activations[not e.checkpointing])})" if (not e.checkpointing) in p.activations else ""
+               for p in e.phases]
+    table.add_row("activations + logits, checkpointing " + ("off" if e.checkpointing else "on"), *flipped,
+                  "the other setting, for comparison")
+    table.add_row("[bold]device peak", *[f"[bold]{_gib(p.need)}" for p in e.phases], "")
+    table.add_row("  at", *[p.peak_moment for p in e.phases], "")
+    hosts = [c for c in sorted({k for p in e.phases for k in p.host})]
+    for c in hosts:
+        table.add_row(f"host: {c}", *[_gib(p.host.get(c)) for p in e.phases], NOTES.get(c.split(" (")[0], ""))
+    console.print(table)
+    worst = max(e.phases, key=lambda p: p.need)
+    verdict = "[green]fits[/]" if e.fits else "[red]does NOT fit[/]"
+    what = "device + host memory" if r_cpu else "device memory"
+    console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: {worst.peak_moment} of the {worst.name}); budget "
+                  f"{e.budget / GiB:.2f} GiB: {verdict}, headroom {1 - e.need / e.budget:.0%}.")
+    if not r_cpu:
+        console.print(f"Host memory: {e.host_need / GiB:.2f} GiB.")
+    console.print(f"Largest micro-batch that fits {e.budget / GiB:.2f} GiB: "
+                  + (f"[bold]{largest}[/] x {e.seq_len} tokens (the recipe has {e.micro_batch_size})." if largest
+                     else "none: even one sequence does not fit; see the categories above."))
+    console.print(f"[dim]Estimated in {e.seconds:.0f} s by running one micro-batch of the real model on fake tensors."
+                  + (" CUDA context assumed; measure on the card with --measure 20." if not r_cpu else "") + "[/]")
+    if m is not None:
+        render_measurement(e, m, console)
+
+
+def render_measurement(e: Estimate, m: Measurement, console) -> None:
+    from rich.table import Table
+
+    cuda = m.device_type == "cuda"
+    unit, unit_name = _unit(max(v for d in m.peaks.values() for v in d.values()))
+    source = "torch.cuda peak allocated" if cuda else "live tensor bytes"
+    table = Table(title=f"Measured over {m.steps} real steps ({source}), {unit_name}; error relative to the "
+                        "measured peak", title_justify="left")
+    for col in ["phase", "moment", "estimated", "measured"] + (["reserved"] if cuda else []) + ["error"]:
+        table.add_column(col, justify="left" if col in ("phase", "moment") else "right")
+    for row in comparison(e, m):
+        table.add_row(row["phase"], row["moment"], _fmt(row["estimated"], unit), _fmt(row["measured"], unit),
+                      *([_fmt(row["reserved"], unit)] if cuda else []), f"{row['error']:+.1%}")
+    console.print(table)
+    if not cuda:
+        for phase, result in category_comparison(e, m).items():
+            t = Table(title=f"By category at the {phase} phase's measured peak ({result['moment']}), {unit_name}",
+                      title_justify="left")
+            for col in ("category", "estimated", "measured", "error"):
+                t.add_column(col, justify="left" if col == "category" else "right")
+            for row in result["categories"]:
+                t.add_row(row["category"], _fmt(row["estimated"], unit), _fmt(row["measured"], unit),
+                          f"{row['error']:+.1%}")
+            console.print(t)
+    console.print(f"{m.tokens_per_s:,.0f} tokens/s over the steps after the first (measurement overhead included)."
+                  + (f" Memory snapshot: {m.snapshot} (open it at https://pytorch.org/memory_viz)." if m.snapshot else ""))
