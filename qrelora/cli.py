@@ -61,14 +61,45 @@ def _quiet_dependencies() -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
     from .config import load_recipe
     from .train import train
 
     from .monitor import make_log
 
     recipe = load_recipe(args.recipe, overrides)
-    train(recipe, make_log(args.no_live))
+    try:
+        train(recipe, make_log(args.no_live))
+    except torch.OutOfMemoryError as e:
+        print(f"error: out of device memory ({_first_line(e)}).\n{out_of_memory_advice(recipe, args.recipe, overrides)}",
+              file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_OK
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def out_of_memory_advice(recipe, recipe_path: str, overrides: list[str]) -> str:
+    """What the estimator says about this recipe on this card, and what to change."""
+    import torch
+
+    from .memory import Estimator, vocab_size_of
+
+    budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * 2**30
+    command = " ".join(["qrelora memory", recipe_path, *overrides, f"--budget {budget / 2**30:.0f}GiB"])
+    try:
+        estimator = Estimator(recipe, vocab_size_of(recipe)[0], budget)
+        estimate = estimator.estimate(compare_checkpointing=False)
+        largest = estimator.largest_micro_batch(estimate)
+    except Exception as e:  # noqa: BLE001 - the advice must not hide the original error
+        return f"The memory estimate could not be made ({type(e).__name__}: {e}). Run: {command}"
+    worst = max(estimate.phases, key=lambda p: p.need)
+    return (f"The estimate for this recipe is {estimate.need / 2**30:.2f} GiB at the {worst.peak_moment} of the "
+            f"{worst.name}, against {budget / 2**30:.2f} GiB on this card; the largest micro-batch that fits is "
+            f"{largest}. {oom_advice(recipe, largest)} Details: {command}")
 
 
 def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -227,6 +227,8 @@ def optimizer_state_bytes(params: list[Tensor], name: str) -> int:
             total += 2 * n * (p.element_size() if name == "adamw" else 4)
         else:
             total += 2 * n + 2 * 4 * -(-n // BNB_STATE_BLOCKSIZE)
+    if name != "adamw" and any(p.numel() >= BNB_MIN_8BIT_SIZE for p in params):
+        total += 2 * 256 * 4  # the two 256-entry code tables, shared by every tensor
     return total
 
 

@@ -142,8 +142,3 @@ def test_console_script_and_module_agree_on_help():
     b = subprocess.run([sys.executable, "-m", "qrelora", "--help"], capture_output=True, text=True)
     assert a.returncode == b.returncode == 0
     assert "train" in a.stdout and a.stdout.replace("qrelora", "") == b.stdout.replace("qrelora", "")
-
-
-def test_unimplemented_command_says_so(capsys):
-    code = main(["memory", str(ROOT / "recipes" / "tiny.toml")])
-    assert code == 1 and "not implemented yet" in capsys.readouterr().err

@@ -1,0 +1,197 @@
+"""The memory tool: exact tensor layouts, the storage tracker, estimate against measurement, the command."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from qrelora.cli import main
+from qrelora.config import load_recipe
+from qrelora.memory import (GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure, optimizer_state_bytes,
+                            parse_bytes)
+from qrelora.optim import build_optimizer
+from qrelora.quant import DenseCodec, EightBitCodec, FourBitCodec
+from qrelora.relora import add_adapters
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.toml"
+# A few-second model: 2 blocks of width 64, 32-token sequences, the built-in 8192-entry tokenizer.
+SMALL = ["--model.preset=custom", "--model.hidden_size=64", "--model.num_layers=2", "--model.num_heads=4",
+         "--model.mlp_size=160", "--data.seq_len=32", "--training.micro_batch_size=4", "--relora.rank=8"]
+STORAGE_KINDS = {
+    "nf4 double quant": ["--quant.bits=4", "--quant.double_quant=true"],
+    "fp4 plain scales": ["--quant.bits=4", "--quant.type=fp4", "--quant.double_quant=false", "--quant.blocksize=128"],
+    "int8": ["--quant.bits=8"],
+    "bf16": ["--quant.bits=16"],
+    "nf4 error feedback": ["--quant.bits=4", "--quant.merge=error_feedback"],
+}
+
+
+@pytest.mark.parametrize("codec", [FourBitCodec("nf4", 64, True), FourBitCodec("fp4", 128, False),
+                                   EightBitCodec(256), DenseCodec(torch.bfloat16)], ids=lambda c: c.name)
+@pytest.mark.parametrize("shape", [(96, 96), (33, 65), (256, 704)])
+def test_codec_layout_is_what_quantize_stores(codec, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        packed = codec.quantize(torch.randn(shape))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in packed.items()} == \
+        {k: (tuple(s), d) for k, (s, d) in codec.layout(torch.Size(shape)).items()}
+
+
+@pytest.mark.parametrize("kind", STORAGE_KINDS)
+def test_category_bytes_equal_the_real_tensors(kind):
+    """The fake model's categories against the same model built for real, converted with the real codec."""
+    from qrelora.models import build_model
+
+    recipe = load_recipe(TINY, SMALL + STORAGE_KINDS[kind])
+    fake = Simulator(recipe, 8192, relora=True, checkpointing=False)
+    real = build_model(recipe.model, vocab_size=8192, seq_len=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        add_adapters(real, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype)
+    expected = bytes_by_role(real)
+    assert {k: v for k, v in fake.static.items() if k != "gradients"} == expected
+    trainable = [p for p in real.parameters() if p.requires_grad]
+    assert fake.static["gradients"] == sum(p.numel() * p.element_size() for p in trainable)
+    assert expected["frozen weights"] > 0 and expected["adapters"] > 0
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_optimizer_state_bytes_equal_the_real_state(name):
+    from qrelora.config import OptimConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))  # 8-bit and 32-bit states
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = build_optimizer(OptimConfig(name=name), model, 1e-3, "cpu")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0}
+    assert optimizer_state_bytes(list(model.parameters()), name) == sum(storages.values())
+
+
+def test_tracker_counts_new_storage_once_and_releases_it():
+    tracker = StorageTracker()
+    a = torch.zeros(1000)
+    tracker.register(a, "weights")
+    with tracker, tracker.in_phase("work"):
+        view = a.view(10, 100)   # no new memory
+        a.add_(1)                # in place: none either
+        b = a * 2                # 4000 new bytes
+        c = b[:10].clone()       # 40 more
+        del b                    # freed
+    assert tracker.peak["work"] == 4000 + 4000 + 40
+    assert tracker.total == 4000 + 40
+    assert tracker.by_category("work") == {"weights": 4000, "activations": 4040}
+    del c, view
+    assert tracker.total == 4000
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * GiB
+    assert parse_bytes("24 GB") == 24 * 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5GiB") == int(1.5 * GiB)
+    assert parse_bytes("1000") == 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["warm start, no checkpointing", "checkpointing, accumulation, int8"])
+def test_estimate_within_ten_percent_of_measured_steps(setting, tmp_path):
+    """Real CPU steps (a full-rank warm start, then ReLoRA ending in a merge), measured by tracking every
+    real tensor, against the estimate made without running anything."""
+    extra = [] if setting.startswith("warm") else ["--training.activation_checkpointing=true",
+                                                   "--training.grad_accum=2", "--quant.bits=8"]
+    recipe = load_recipe(TINY, SMALL + extra + [f"--run.output_dir={tmp_path}"])
+    estimate = Estimator(recipe, 8192, GiB).estimate()
+    measured = measure(recipe, 4)
+    peak = max(v for moments in measured.peaks.values() for v in moments.values())
+    from qrelora.memory import comparison
+
+    rows = comparison(estimate, measured)
+    assert {(r["phase"], r["moment"]) for r in rows} >= {("ReLoRA", "backward"), ("ReLoRA", "merge"),
+                                                         ("ReLoRA", "optimizer step")}
+    for r in rows:
+        assert abs(r["estimated"] - r["measured"]) <= 0.10 * peak, r
+    assert measured.peaks["ReLoRA"]["backward"] > measured.peaks["ReLoRA"]["merge"]
+
+
+def test_largest_micro_batch_is_the_boundary():
+    recipe = load_recipe(TINY, SMALL)
+    budget = 64 * 2**20
+    estimator = Estimator(recipe, 8192, budget)
+    largest = estimator.largest_micro_batch(estimator.estimate(compare_checkpointing=False))
+    assert largest >= 1
+    assert estimator.estimate(largest, compare_checkpointing=False).need <= budget
+    assert estimator.estimate(largest + 1, compare_checkpointing=False).need > budget
+
+
+def test_checkpointing_lowers_the_activations():
+    recipe = load_recipe(TINY, SMALL + ["--model.num_layers=4", "--training.activation_checkpointing=true"])
+    phase = Estimator(recipe, 8192, GiB).estimate().phases[-1]
+    assert phase.activations[True] < phase.activations[False]
+
+
+def test_memory_command_json_is_one_object(capsys):
+    code = main(["memory", str(TINY), *SMALL, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out)  # the whole of stdout
+    assert report["fits"] is True and report["budget"] == 24 * GiB
+    assert report["largest_micro_batch"] >= 4
+    assert [p["name"].split(" (")[0] for p in report["phases"]] == ["full-rank warm start", "ReLoRA"]
+    relora = report["phases"][1]
+    assert {"frozen weights", "adapters", "full-rank weights", "optimizer states", "activations",
+            "logits and loss"} <= set(relora["device"])
+    assert relora["need"] == sum(relora["device"].values())
+    assert {"master copy", "rank-probe copies"} <= set(relora["host"])
+    assert set(relora["activations"]) == {"checkpointing_on", "checkpointing_off"}
+
+
+def test_memory_command_exit_codes(tmp_path, capsys):
+    assert main(["memory", str(TINY), *SMALL, "--budget", "1MiB"]) == 3
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "even one sequence does not fit" in out
+    assert main(["memory", str(TINY), *SMALL, "--budget", "lots"]) == 2
+    assert "24GiB" in capsys.readouterr().err
+    assert main(["memory", str(TINY), *SMALL, "--measure", "1"]) == 2
+    assert "at least 2 steps" in capsys.readouterr().err
+    assert main(["memory", str(tmp_path / "absent.toml")]) == 2
+    assert main(["memory", str(TINY), "--training.micro_batch_size=0"]) == 2
+
+
+def test_memory_command_measures_on_cpu(tmp_path, capsys):
+    code = main(["memory", str(TINY), *SMALL, f"--run.output_dir={tmp_path}", "--measure", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    moments = {(r["phase"], r["moment"]) for r in report["measured"]["moments"]}
+    assert ("ReLoRA", "merge") in moments and ("full-rank", "backward") in moments
+    assert report["measured"]["categories"]["ReLoRA"]["categories"]
+
+
+def test_hub_tokenizer_not_cached_assumes_the_llama_vocabulary(capsys):
+    recipe = load_recipe(TINY, SMALL + ["--data.tokenizer=nobody/not-a-tokenizer"])
+    from qrelora.memory import vocab_size_of
+
+    size, source = vocab_size_of(recipe)
+    assert size == 32000 and "assumed" in source and "--vocab-size" in source
+
+
+def test_out_of_memory_in_train_prints_the_estimate_and_a_fix(monkeypatch, tmp_path, capsys):
+    import qrelora.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(qrelora.train, "train", out_of_memory)
+    code = main(["train", str(TINY), *SMALL, "--training.micro_batch_size=64", "--training.grad_accum=2",
+                 f"--run.output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "The estimate for this recipe is" in err and "qrelora memory" in err
+    assert "Traceback" not in err
