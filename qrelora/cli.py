@@ -98,7 +98,7 @@ def out_of_memory_advice(recipe, recipe_path: str, overrides: list[str]) -> str:
         return f"The memory estimate could not be made ({type(e).__name__}: {e}). Run: {command}"
     worst = max(estimate.phases, key=lambda p: p.need)
     return (f"The estimate for this recipe is {estimate.need / 2**30:.2f} GiB at the {worst.peak_moment} of the "
-            f"{worst.name}, against {budget / 2**30:.2f} GiB on this card; the largest micro-batch that fits is "
+            f"{worst.name.split(' (')[0]} phase, against {budget / 2**30:.2f} GiB on this card; the largest micro-batch that fits is "
             f"{largest}. {oom_advice(recipe, largest)} Details: {command}")
 
 

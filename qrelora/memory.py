@@ -432,8 +432,11 @@ class Estimate:
 
     @property
     def host_need(self) -> int:
-        """Host memory at the run's busiest moment (on CPU the device is host memory too)."""
-        return max(sum(v for k, v in p.host.items() if "disk" not in k) for p in self.phases)
+        """Host memory at the run's busiest moment (on CPU the device is host memory too): building, or
+        training with whatever the merges keep in host memory."""
+        building = max(p.host.get("fp32 model while building", 0) for p in self.phases)
+        training = max(sum(v for k, v in p.host.items() if "disk" not in k and "building" not in k) for p in self.phases)
+        return max(building, training)
 
     @property
     def need(self) -> int:
@@ -822,7 +825,7 @@ NOTES = {
     "optimizer step workspace": "temporaries of the optimizer step",
     "merge workspace": "merging the largest layer (one layer at a time)",
     "allocator reserve": f"{ALLOCATOR_RESERVE:.0%} of allocated (measured reserved/allocated ratio)",
-    "CUDA context": "assumed (kernels, cuBLAS workspace)",
+    "CUDA context": "assumed: driver state, loaded code, cuBLAS workspace",
     "master copy": "fp32 master of every frozen weight (exact merges)",
     "residual": "bf16 rounding residual (error-feedback merges)",
     "rank-probe copies": "three layers' starting weights (effective-rank report)",
@@ -851,9 +854,9 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
         for p in e.phases:
             if c in p.device:
                 cells.append(_gib(p.device[c]))
-            elif c in p.workspaces or any(c in parts for parts in p.parts.values()):
+            elif p.workspaces.get(c) or any(parts.get(c) for parts in p.parts.values()):
                 other = max(parts.get(c, 0) for parts in p.parts.values())
-                cells.append(f"({_gib(p.workspaces.get(c, other))})")
+                cells.append(f"({_gib(p.workspaces.get(c) or other)})")
             else:
                 cells.append("")
         if any(cells):
@@ -874,7 +877,8 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     worst = max(e.phases, key=lambda p: p.need)
     verdict = "[green]fits[/]" if e.fits else "[red]does NOT fit[/]"
     what = "device + host memory" if r_cpu else "device memory"
-    console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: {worst.peak_moment} of the {worst.name}); budget "
+    console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
+                  f"{worst.name.split(' (')[0]} phase); budget "
                   f"{e.budget / GiB:.2f} GiB: {verdict}, headroom {1 - e.need / e.budget:.0%}.")
     if not r_cpu:
         console.print(f"Host memory: {e.host_need / GiB:.2f} GiB.")

@@ -119,3 +119,44 @@ def test_moment_reset_of_8bit_optimizers_on_cuda(name):
     model(torch.randn(8, 512, device=CUDA)).square().mean().backward()
     opt.step()
     assert torch.isfinite(model.weight).all()
+
+
+# A model whose tensors are large next to the CUDA allocator's 512-byte rounding.
+MEASURED = ["--model.preset=custom", "--model.hidden_size=256", "--model.num_layers=4", "--model.num_heads=4",
+            "--model.mlp_size=704", "--data.seq_len=128", "--training.micro_batch_size=8", "--relora.rank=16",
+            "--training.device=cuda", "--training.activation_checkpointing=true"]
+
+
+def test_memory_measure_on_cuda_agrees_with_the_estimate_and_writes_a_snapshot(tmp_path):
+    from pathlib import Path
+
+    from qrelora.config import load_recipe
+    from qrelora.memory import GiB, Estimator, comparison, measure
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.toml",
+                         MEASURED + [f"--run.output_dir={tmp_path}"])
+    estimate = Estimator(recipe, 8192, 24 * GiB).estimate()
+    measured = measure(recipe, 4)
+    assert Path(measured.snapshot).is_file() and Path(measured.snapshot).parent == tmp_path / "memory"
+    peak = max(v for moments in measured.peaks.values() for v in moments.values())
+    for row in comparison(estimate, measured):
+        assert abs(row["estimated"] - row["measured"]) <= 0.10 * peak, row
+        assert row["reserved"] >= row["measured"]
+
+
+def test_out_of_memory_while_measuring_exits_3_with_a_snapshot(tmp_path, capsys):
+    from pathlib import Path
+
+    from qrelora.cli import main
+
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(64 * 2**20 / total)  # a 64 MiB card
+    try:
+        code = main(["memory", str(Path(__file__).parents[1] / "recipes" / "tiny.toml"), *MEASURED,
+                     "--training.micro_batch_size=64", f"--run.output_dir={tmp_path}", "--measure", "2"])
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    err = capsys.readouterr().err
+    assert code == 3 and "out of device memory while measuring" in err
+    assert (tmp_path / "memory" / "memory_snapshot.pickle").is_file()

@@ -17,4 +17,5 @@ def test_measure_gpu_dry_run_measures_both_variants(tmp_path):
     rows = [l for l in out.stdout.splitlines() if l.startswith("| ") and "GiB" in l]
     assert len(rows) == 2 and not any("failed" in r for r in rows)
     assert "ReLoRA, NF4 base" in rows[0] and "full-rank" in rows[1]
+    assert "| estimated allocated |" in out.stdout
     assert not (tmp_path / "RESULTS.md").exists()  # a dry run records nothing
