@@ -23,6 +23,9 @@ echo "== merge benchmark on CUDA"
 
 echo "== 1.3B ReLoRA vs full-rank"
 timeout 150 $PY tools/measure_gpu.py --tokenizer .gpu/tok32k --steps 20 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/measure.txt"
+echo "== qrelora memory --measure on the 1.3B recipe (estimate next to measured peaks, snapshot)"
+timeout 150 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
+    --run.output_dir="$OUT/memory_1b3" --measure 10 2>&1 | tee "$OUT/memory_1b3.txt"
 echo "== 7B ReLoRA"
 timeout 180 $PY tools/measure_gpu.py --tokenizer .gpu/tok32k --steps 20 --with-7b --only 7B --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/measure7b.txt"
 echo "== done"
