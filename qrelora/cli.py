@@ -107,16 +107,19 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
     import torch
 
-    from .config import RecipeError, load_recipe
+    from .config import load_recipe
     from .memory import Estimator, measure, parse_bytes, render, vocab_size_of
 
-    recipe = load_recipe(args.recipe, overrides)
-    budget = parse_bytes(args.budget)
+    try:
+        budget = parse_bytes(args.budget)
+    except ValueError as e:
+        return _bad_argument(f"--budget {e}")
     if args.measure < 0 or args.measure == 1:
-        raise RecipeError("--measure", [f"--measure {args.measure}: give at least 2 steps (the run ends with a merge), "
-                                        "e.g. --measure 20"])
+        return _bad_argument(f"--measure {args.measure}: give at least 2 steps (the run ends with a merge), e.g. "
+                             "--measure 20")
     if args.vocab_size < 0:
-        raise RecipeError("--vocab-size", [f"--vocab-size {args.vocab_size}: must be a positive number of tokens"])
+        return _bad_argument(f"--vocab-size {args.vocab_size}: must be a positive number of tokens")
+    recipe = load_recipe(args.recipe, overrides)
     vocab, source = vocab_size_of(recipe, args.vocab_size)
     estimator = Estimator(recipe, vocab, budget, source, args.recipe)
     estimate = estimator.estimate()
@@ -146,6 +149,11 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
         render(estimate, largest, measured, Console())
     return EXIT_OK if estimate.fits else EXIT_DOES_NOT_FIT
+
+
+def _bad_argument(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def oom_advice(recipe, largest: int | None = None) -> str:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .config import Recipe, RecipeError
+from .config import Recipe
 from .quant import Codec, FrozenWeight
 from .relora import ReLoRALinear, add_adapters, codec_for
 
@@ -56,7 +56,7 @@ def parse_bytes(text: str) -> int:
     """'24GiB', '24 GB', '20000MiB', '1.5T' or a plain number of bytes."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
-        raise RecipeError("--budget", [f"{text!r} is not a memory size: write it like 24GiB, 24GB or 20000MiB"])
+        raise ValueError(f"{text!r} is not a memory size: write it like 24GiB, 24GB or 20000MiB")
     number, prefix, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     if not prefix:
         return int(number)

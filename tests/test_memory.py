@@ -97,6 +97,9 @@ def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes("1.5GiB") == int(1.5 * GiB)
     assert parse_bytes("1000") == 1000
+    for bad in ("lots", "-1GiB", "0", "24 GiBs"):
+        with pytest.raises(ValueError, match="not a memory size"):
+            parse_bytes(bad)
 
 
 @pytest.mark.slow
