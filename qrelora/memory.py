@@ -429,7 +429,6 @@ class Estimate:
     checkpointing: bool
     budget: int
     phases: list[PhaseEstimate]
-    largest_micro_batch: int | None = None
     seconds: float = 0.0
 
     @property
