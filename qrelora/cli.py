@@ -64,16 +64,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from .config import load_recipe
-    from .train import train
-
+    from .memory import out_of_memory_report
     from .monitor import make_log
+    from .train import train
 
     recipe = load_recipe(args.recipe, overrides)
     try:
         train(recipe, make_log(args.no_live))
     except torch.OutOfMemoryError as e:
-        print(f"error: out of device memory ({_first_line(e)}).\n{out_of_memory_advice(recipe, args.recipe, overrides)}",
-              file=sys.stderr)
+        report = out_of_memory_report(recipe, args.recipe, overrides)
+        print(f"error: out of device memory ({_first_line(e)}).\n{report}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -82,33 +82,13 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def out_of_memory_advice(recipe, recipe_path: str, overrides: list[str]) -> str:
-    """What the estimator says about this recipe on this card, and what to change."""
-    import torch
-
-    from .memory import Estimator, vocab_size_of
-
-    budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * 2**30
-    command = " ".join(["qrelora memory", recipe_path, *overrides, f"--budget {budget / 2**30:.0f}GiB"])
-    try:
-        estimator = Estimator(recipe, vocab_size_of(recipe)[0], budget)
-        estimate = estimator.estimate(compare_checkpointing=False)
-        largest = estimator.largest_micro_batch(estimate)
-    except Exception as e:  # noqa: BLE001 - the advice must not hide the original error
-        return f"The memory estimate could not be made ({type(e).__name__}: {e}). Run: {command}"
-    worst = max(estimate.phases, key=lambda p: p.need)
-    return (f"The estimate for this recipe is {estimate.need / 2**30:.2f} GiB at the {worst.peak_moment} of the "
-            f"{worst.name.split(' (')[0]} phase, against {budget / 2**30:.2f} GiB on this card; the largest micro-batch that fits is "
-            f"{largest}. {oom_advice(recipe, largest)} Details: {command}")
-
-
 def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
     import torch
 
     from .config import load_recipe
-    from .memory import Estimator, measure, parse_bytes, render, vocab_size_of
+    from .memory import Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
 
     try:
         budget = parse_bytes(args.budget)
@@ -131,7 +111,8 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
         except torch.OutOfMemoryError:
             print(f"error: out of device memory while measuring {args.measure} steps of {args.recipe}; the estimate "
                   f"was {estimate.need / 2**30:.2f} GiB against a budget of {budget / 2**30:.2f} GiB. "
-                  f"{oom_advice(recipe, largest)} A memory snapshot is in {recipe.run_dir / 'memory'}.", file=sys.stderr)
+                  f"{fix_for(recipe, largest)} A memory snapshot is in {recipe.run_dir / 'memory'}.",
+                  file=sys.stderr)
             return EXIT_DOES_NOT_FIT
     if args.json:
         from .memory import category_comparison, comparison
@@ -154,22 +135,6 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 def _bad_argument(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-def oom_advice(recipe, largest: int | None = None) -> str:
-    """A concrete next step after running out of device memory."""
-    t = recipe.training
-    if largest and largest < t.micro_batch_size:
-        accum = -(-t.micro_batch_size * t.grad_accum // largest)
-        return (f"Lower the micro-batch to what fits and keep the tokens per step with accumulation: "
-                f"--training.micro_batch_size={largest} --training.grad_accum={accum}.")
-    if not t.activation_checkpointing:
-        return "Turn on activation checkpointing: --training.activation_checkpointing=true."
-    if t.micro_batch_size > 1:
-        half = t.micro_batch_size // 2
-        return (f"Halve the micro-batch and double the accumulation: --training.micro_batch_size={half} "
-                f"--training.grad_accum={t.grad_accum * 2}.")
-    return "Use fewer bits for the frozen weights (--quant.bits=4), a smaller rank, or a shorter seq_len."
 
 
 def cmd_export(args: argparse.Namespace) -> int:

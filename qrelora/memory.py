@@ -195,7 +195,8 @@ def register_all(tracker: StorageTracker, model: nn.Module, optimizer: torch.opt
 def _tensors_with_roles(model, optimizer):
     roles = roles_of(model, optimizer)
     seen = set()
-    tensors = list(model.parameters()) + list(model.buffers()) + [p.grad for p in model.parameters() if p.grad is not None]
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [m.host.tensor for m in model.modules() if isinstance(m, FrozenWeight) and m.host is not None]
     if optimizer is not None:
         tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
@@ -272,7 +273,8 @@ class LayoutCodec(Codec):
         self.codec, self.name, self.main_key = codec, codec.name, codec.main_key
 
     def quantize(self, w):
-        return {k: torch.empty(shape, dtype=dtype, device=w.device) for k, (shape, dtype) in self.codec.layout(w.shape).items()}
+        return {name: torch.empty(shape, dtype=dtype, device=w.device)
+                for name, (shape, dtype) in self.codec.layout(w.shape).items()}
 
     def quantize_stochastic(self, w, generator):
         return self.quantize(w)
@@ -343,8 +345,9 @@ class Simulator:
                 enable_activation_checkpointing(self.model)
             self.layers = []
             if relora:
-                self.layers = add_adapters(self.model, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype,
-                                           codec=LayoutCodec(codec_for(recipe.quant, recipe.training.dtype)))
+                codec = LayoutCodec(codec_for(recipe.quant, recipe.training.dtype))
+                self.layers = add_adapters(self.model, recipe.relora, recipe.quant,
+                                           training_dtype=recipe.training.dtype, codec=codec)
             self.trainable = [p for p in self.model.parameters() if p.requires_grad]
             if recipe.training.grad_accum > 1:
                 for p in self.trainable:
@@ -440,7 +443,8 @@ class Estimate:
         """Host memory at the run's busiest moment (on CPU the device is host memory too): building, or
         training with whatever the merges keep in host memory."""
         building = max(p.host.get("fp32 model while building", 0) for p in self.phases)
-        training = max(sum(v for k, v in p.host.items() if "disk" not in k and "building" not in k) for p in self.phases)
+        training = max(sum(v for k, v in p.host.items() if "disk" not in k and "building" not in k)
+                       for p in self.phases)
         return max(building, training)
 
     @property
@@ -474,7 +478,8 @@ def _phases_of(recipe: Recipe) -> list[tuple[str, bool]]:
     if not r.enabled:
         return [("full-rank", False)]
     relora = (f"ReLoRA (steps {r.warm_start_steps:,}-{steps:,})", True)
-    return ([(f"full-rank warm start (steps 0-{r.warm_start_steps:,})", False)] if r.warm_start_steps else []) + [relora]
+    warm = [(f"full-rank warm start (steps 0-{r.warm_start_steps:,})", False)] if r.warm_start_steps else []
+    return warm + [relora]
 
 
 class Estimator:
@@ -510,7 +515,8 @@ class Estimator:
             phase.activations[checkpointing] = _activations(sim)
             if compare_checkpointing:
                 one, two = (_activations(self.simulator(relora, not checkpointing, d).run(micro_batch)) for d in (1, 2))
-                phase.activations[not checkpointing] = one + (self.simulator(relora, checkpointing).depth - 1) * (two - one)
+                depth = self.simulator(relora, checkpointing).depth
+                phase.activations[not checkpointing] = one + (depth - 1) * (two - one)
             phases.append(phase)
         return Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
                         self.vocab_source, self.optimizer, checkpointing, self.budget, phases,
@@ -799,7 +805,8 @@ def category_comparison(e: Estimate, m: Measurement) -> dict[str, dict]:
         est_phase = next(p for p in e.phases if p.name.startswith(phase))
         est = est_phase.after_build if moment == "after build" else est_phase.parts[moment]
         meas = m.categories.get(phase, {}).get(moment, {})
-        names = [c for c in DEVICE_CATEGORIES if est.get(c) or meas.get(c)] + [c for c in HOST_CATEGORIES if meas.get(c)]
+        names = [c for c in DEVICE_CATEGORIES if est.get(c) or meas.get(c)]
+        names += [c for c in HOST_CATEGORIES if meas.get(c)]
         rows = []
         for c in names:
             estimated = est.get(c, est_phase.host.get(c, 0))
@@ -921,4 +928,38 @@ def render_measurement(e: Estimate, m: Measurement, console) -> None:
                           f"{row['error']:+.1%}")
             console.print(t)
     console.print(f"{m.tokens_per_s:,.0f} tokens/s over the steps after the first (measurement overhead included)."
-                  + (f" Memory snapshot: {m.snapshot} (open it at https://pytorch.org/memory_viz)." if m.snapshot else ""))
+                  + (f" Memory snapshot: {m.snapshot} (open it at https://pytorch.org/memory_viz)."
+                     if m.snapshot else ""))
+
+
+def fix_for(recipe: Recipe, largest: int | None = None) -> str:
+    """A concrete change to a recipe that ran out of device memory."""
+    t = recipe.training
+    if largest and largest < t.micro_batch_size:
+        accum = -(-t.micro_batch_size * t.grad_accum // largest)
+        return (f"Lower the micro-batch to what fits and keep the tokens per step with accumulation: "
+                f"--training.micro_batch_size={largest} --training.grad_accum={accum}.")
+    if not t.activation_checkpointing:
+        return "Turn on activation checkpointing: --training.activation_checkpointing=true."
+    if t.micro_batch_size > 1:
+        half = t.micro_batch_size // 2
+        return (f"Halve the micro-batch and double the accumulation: --training.micro_batch_size={half} "
+                f"--training.grad_accum={t.grad_accum * 2}.")
+    return "Use fewer bits for the frozen weights (--quant.bits=4), a smaller rank, or a shorter seq_len."
+
+
+def out_of_memory_report(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str:
+    """For `train` running out of device memory: what the estimator says about the recipe on this card,
+    and what to change."""
+    budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 24 * GiB
+    command = " ".join(["qrelora memory", recipe_path, *overrides, f"--budget {budget / GiB:.0f}GiB"])
+    try:
+        estimator = Estimator(recipe, vocab_size_of(recipe)[0], budget)
+        estimate = estimator.estimate(compare_checkpointing=False)
+        largest = estimator.largest_micro_batch(estimate)
+    except Exception as e:  # noqa: BLE001 - the advice must not hide the original error
+        return f"The memory estimate could not be made ({type(e).__name__}: {e}). Run: {command}"
+    worst = max(estimate.phases, key=lambda p: p.need)
+    return (f"The estimate for this recipe is {estimate.need / GiB:.2f} GiB at the {worst.peak_moment} of the "
+            f"{worst.name.split(' (')[0]} phase, against {budget / GiB:.2f} GiB on this card; the largest "
+            f"micro-batch that fits is {largest}. {fix_for(recipe, largest)} Details: {command}")

@@ -85,7 +85,8 @@ def child(args) -> None:
         estimate = Estimator(recipe, len(trainer.tokenizer), 24 * 2**30).estimate(compare_checkpointing=False)
         estimated_gib = max(p.tensor_bytes(m) for p in estimate.phases for m in p.parts) / 2**30
     merge_steps = {r["step"] for r in records if r.get("event") == "merge"}
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 3 and r["step"] not in merge_steps]
+    rates = [r["tokens_per_s"] for r in records
+             if "tokens_per_s" in r and r["step"] > 3 and r["step"] not in merge_steps]
     result = {
         "micro_batch_size": recipe.training.micro_batch_size, "seq_len": recipe.data.seq_len,
         "tokens_per_s": statistics.median(rates) if rates else float("nan"),
