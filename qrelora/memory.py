@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import re
 import time
 import weakref
@@ -854,7 +853,10 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
                   f"{e.vocab_size:,} ({e.vocab_source}), optimizer {e.optimizer}, activation checkpointing "
                   f"{'on' if e.checkpointing else 'off'}")
     unit, unit_name = _unit(e.need)
-    _gib = lambda n: _fmt(n, unit)  # noqa: E731
+
+    def _gib(n: int | None) -> str:
+        return _fmt(n, unit)
+
     table = Table(title=f"{unit_name} at each phase's peak moment; (x) = at another moment, not in the peak",
                   title_justify="left")
     table.add_column("device")
@@ -882,16 +884,15 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
                   "the other setting, for comparison")
     table.add_row("[bold]device peak", *[f"[bold]{_gib(p.need)}" for p in e.phases], "")
     table.add_row("  at", *[p.peak_moment for p in e.phases], "")
-    hosts = [c for c in sorted({k for p in e.phases for k in p.host})]
-    for c in hosts:
+    for c in sorted({k for p in e.phases for k in p.host}):
         table.add_row(f"host: {c}", *[_gib(p.host.get(c)) for p in e.phases], NOTES.get(c.split(" (")[0], ""))
     console.print(table)
     worst = max(e.phases, key=lambda p: p.need)
-    verdict = "[green]fits[/]" if e.fits else "[red]does NOT fit[/]"
+    verdict = (f"[green]fits[/], headroom {1 - e.need / e.budget:.0%}" if e.fits else
+               f"[red]does NOT fit[/], {(e.need - e.budget) / GiB:.2f} GiB over")
     what = "device + host memory" if r_cpu else "device memory"
     console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
-                  f"{worst.name.split(' (')[0]} phase); budget "
-                  f"{e.budget / GiB:.2f} GiB: {verdict}, headroom {1 - e.need / e.budget:.0%}.")
+                  f"{worst.name.split(' (')[0]} phase); budget {e.budget / GiB:.2f} GiB: {verdict}.")
     if not r_cpu:
         console.print(f"Host memory: {e.host_need / GiB:.2f} GiB.")
     console.print(f"Largest micro-batch that fits {e.budget / GiB:.2f} GiB: "
