@@ -9,7 +9,7 @@ import torch
 
 from qrelora.cli import main
 from qrelora.config import load_recipe
-from qrelora.memory import (GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure, optimizer_state_bytes,
+from qrelora.memory import (HOST_CATEGORIES, GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure, optimizer_state_bytes,
                             parse_bytes)
 from qrelora.optim import build_optimizer
 from qrelora.quant import DenseCodec, EightBitCodec, FourBitCodec
@@ -198,3 +198,21 @@ def test_out_of_memory_in_train_prints_the_estimate_and_a_fix(monkeypatch, tmp_p
     assert "out of device memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "The estimate for this recipe is" in err and "qrelora memory" in err
     assert "Traceback" not in err
+
+
+def test_init_from_a_model_directory_is_estimated_from_its_config(tmp_path):
+    from qrelora.memory import vocab_size_of
+    from qrelora.models import build_model
+
+    recipe = load_recipe(TINY, SMALL)
+    model = build_model(recipe.model, vocab_size=300, seq_len=32)
+    model.save_pretrained(tmp_path / "hf")
+    recipe = load_recipe(TINY, SMALL + [f"--model.init_from={tmp_path / 'hf'}"])
+    assert vocab_size_of(recipe) == (300, str(tmp_path / "hf"))
+    relora = Estimator(recipe, 300, GiB).estimate().phases[-1]
+    real = build_model(recipe.model, vocab_size=0, seq_len=32)  # loads the directory
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        add_adapters(real, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype)
+    device = {k: v for k, v in bytes_by_role(real).items() if k not in HOST_CATEGORIES}
+    assert relora.after_build == device and device["adapters"] > 0
