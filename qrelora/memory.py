@@ -47,7 +47,8 @@ BNB_STATE_BLOCKSIZE = 256
 
 DEVICE_CATEGORIES = (
     "frozen weights", "adapters", "full-rank weights", "gradients", "optimizer states", "activations",
-    "logits and loss", "optimizer step workspace", "merge workspace", "allocator reserve", "CUDA context")
+    "logits and loss", "optimizer step workspace", "merge workspace", "build workspace", "allocator reserve",
+    "CUDA context")
 HOST_CATEGORIES = ("master copy", "residual", "rank-probe copies", "fp32 model while building")
 
 
@@ -94,7 +95,7 @@ class StorageTracker(TorchDispatchMode):
     def register(self, t: Tensor, category: str) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live or storage.nbytes() == 0:
+        if key in self.live or storage.nbytes() == 0 or t.is_meta:  # meta tensors own no memory
             return
         self._serial += 1
         self.live[key] = (self._serial, storage.nbytes(), category)
@@ -571,12 +572,19 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
         workspaces["merge workspace"] = merge_workspace_bytes(sim.layers, recipe.quant.merge, device_type)
         candidates["merge"] = {k: v for k, v in static.items() if k != "gradients"} | opt | {
             "merge workspace": workspaces["merge workspace"]}
-    # Building: the trainer initialises the fp32 model on the GPU when it takes under half the free memory,
-    # else in host memory, from where the conversion quantizes one layer at a time onto the GPU.
+    # Building, where the trainer builds (train.build_device_for): whole in fp32 on the device, or layer by
+    # layer from the meta device (one fp32 layer at a time, quantized at once), or in host memory.
     host: dict[str, int] = {}
     if first:
-        if device_type == "cpu" or sim.fp32_model_bytes < budget / 2:
+        from .train import build_device_for
+
+        where = build_device_for(sim.fp32_model_bytes, budget, bool(sim.layers), torch.device(device_type))
+        if where.type == device_type:
             candidates["build"] = {"full-rank weights": sim.fp32_model_bytes}
+        elif where.type == "meta":
+            largest = max(layer.base.numel() for layer in sim.layers)
+            candidates["build"] = {k: v for k, v in static.items() if k != "gradients"} | {
+                "build workspace": int(MERGE_WORKSPACE["cuda"]["exact"] * 4 * largest)}
         else:
             host["fp32 model while building"] = sim.fp32_model_bytes
     for key in ("master copy", "residual"):
@@ -835,6 +843,7 @@ NOTES = {
     "logits and loss": "micro-batch x sequence x vocabulary: logits, fp32 copy, log-softmax, gradient",
     "optimizer step workspace": "temporaries of the optimizer step",
     "merge workspace": "merging the largest layer (one layer at a time)",
+    "build workspace": "initialising and quantizing the largest layer (built layer by layer)",
     "allocator reserve": f"{ALLOCATOR_RESERVE:.0%} of allocated (measured reserved/allocated ratio)",
     "CUDA context": "assumed: driver state, loaded code, cuBLAS workspace",
     "master copy": "fp32 master of every frozen weight (exact merges)",
@@ -893,8 +902,10 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     what = "device + host memory" if r_cpu else "device memory"
     console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
                   f"{worst.name.split(' (')[0]} phase); budget {e.budget / GiB:.2f} GiB: {verdict}.")
-    if not r_cpu:
-        console.print(f"Host memory: {e.host_need / GiB:.2f} GiB.")
+    disk = max(sum(v for k, v in p.host.items() if "disk" in k) for p in e.phases)
+    if not r_cpu or disk:
+        console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB"
+                      + (f"; disk: {disk / GiB:.2f} GiB for the memory-mapped master copy." if disk else "."))
     console.print(f"Largest micro-batch that fits {e.budget / GiB:.2f} GiB: "
                   + (f"[bold]{largest}[/] x {e.seq_len} tokens (the recipe has {e.micro_batch_size})." if largest
                      else "none: even one sequence does not fit; see the categories above."))

@@ -76,6 +76,41 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, device: str 
     return model
 
 
+def init_module(module: nn.Module, std: float) -> None:
+    """A fresh LLaMA's initialisation of one module's own tensors (transformers' defaults for this model):
+    linears and embeddings normal(0, std) with zero biases, RMSNorm weights one."""
+    with torch.no_grad():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif type(module).__name__.endswith("RMSNorm"):
+            module.weight.fill_(1.0)
+
+
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Give every tensor still on the meta device storage on `device`, initialised as in a fresh model.
+
+    With a model built on the meta device, the ReLoRA conversion materializes and quantizes the big
+    linears one at a time (`add_adapters`); this does the rest (embeddings, norms, head, rotary tables), so
+    a model never exists in fp32 as a whole: a 7B model is built straight into a 24 GB card."""
+    std = model.config.initializer_range
+    for name, module in list(model.named_modules()):
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if not any(t.is_meta for t in own):
+            continue
+        if hasattr(module, "inv_freq"):  # rotary tables are computed from the config, not drawn
+            parent, child = name.rsplit(".", 1)
+            with torch.device(device):
+                setattr(model.get_submodule(parent), child, type(module)(config=model.config))
+        else:
+            module.to_empty(device=device, recurse=False)
+            init_module(module, std)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after materializing: {left[:3]}")
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts; quantized frozen weights count by their logical size."""
     total = trainable = 0

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig, ReLoRAConfig
+from .models import init_module
 from .quant import Codec, FrozenWeight, frozen_linear, make_codec
 
 # The linears of a LLaMA block that carry adapters; embeddings, norms and the head stay full-rank.
@@ -84,9 +85,11 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
 
     With `device` set, each linear is moved there just before it is quantized, so a model held in host
     memory is converted on the GPU with one fp32 layer of accelerator workspace (a 7B model in fp32 does
-    not fit a 24 GB card; its NF4 form does). `codec` replaces the recipe's storage format (the memory
+    not fit a 24 GB card; its NF4 form does). Linears still on the meta device are initialised there
+    instead, one at a time (see `models.materialize`). `codec` replaces the recipe's storage format (the memory
     estimator passes one that only lays out tensors)."""
     codec = codec or codec_for(quant, training_dtype)
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
@@ -95,7 +98,10 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        if device is not None:
+        if linear.weight.is_meta:  # a model built on the meta device: initialise this layer now, in place
+            linear.to_empty(device=device or "cpu")
+            init_module(linear, std)
+        elif device is not None:
             linear.to(device)
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,

@@ -25,7 +25,7 @@ from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
-from .models import build_model, count_parameters, resolve_shape
+from .models import build_model, count_parameters, materialize, resolve_shape
 from .monitor import MetricsFile, PlainLog, Timer, device_description, memory_gib, peak_flops
 from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
 from .relora import ReLoRALinear, add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
@@ -216,6 +216,7 @@ class Trainer:
         saved = checkpoint.load_files(resume_from) if resume_from is not None else None
         if self.relora.switch_due(0) or (saved and saved[2]["relora_active"]):
             self.relora.convert(model, self.device)
+        materialize(model, self.device)  # what a meta-device build has left: embeddings, norms, head
         self._check_run_dir(model)
         self._prepare(model)
 
@@ -284,16 +285,14 @@ class Trainer:
 
     def _build_device(self) -> torch.device:
         """Initialise the model on the accelerator when its fp32 weights take under half the free memory
-        (minutes faster for billion-parameter models); otherwise in host memory, from where the ReLoRA
-        conversion quantizes one layer at a time onto the accelerator."""
+        (minutes faster for billion-parameter models). A bigger model that goes straight to ReLoRA is built
+        on the meta device and initialised one layer at a time as the conversion quantizes it, so it never
+        exists whole in fp32; otherwise it is built in host memory."""
         cpu = torch.device("cpu")
         if self.device.type != "cuda" or self.recipe.model.init_from:
             return cpu
-        meta = build_model(self.recipe.model, vocab_size=len(self.tokenizer), seq_len=self.recipe.data.seq_len,
-                           device="meta")
-        fp32_bytes = 4 * sum(p.numel() for p in meta.parameters())
-        free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if fp32_bytes < free_bytes / 2 else cpu
+        return build_device_for(fp32_model_bytes(self.recipe, len(self.tokenizer)),
+                                torch.cuda.mem_get_info(self.device)[0], self.relora.switch_due(0), self.device)
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
@@ -521,6 +520,19 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+
+def fp32_model_bytes(recipe: Recipe, vocab_size: int) -> int:
+    meta = build_model(recipe.model, vocab_size=vocab_size, seq_len=recipe.data.seq_len, device="meta")
+    return 4 * sum(p.numel() for p in meta.parameters())
+
+
+def build_device_for(fp32_bytes: int, free_bytes: int, relora_from_start: bool,
+                     accelerator: torch.device) -> torch.device:
+    """Where the trainer initialises a model (the memory estimator asks the same question)."""
+    if fp32_bytes < free_bytes / 2:
+        return accelerator
+    return torch.device("meta") if relora_from_start else torch.device("cpu")
 
 
 def effective_rank(update: torch.Tensor, energy: float = 0.9) -> int:

@@ -160,3 +160,22 @@ def test_out_of_memory_while_measuring_exits_3_with_a_snapshot(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 3 and "out of device memory while measuring" in err
     assert (tmp_path / "memory" / "memory_snapshot.pickle").is_file()
+
+
+def test_layer_by_layer_build_trains_on_cuda(tmp_path, monkeypatch):
+    """The 7B path (meta-device build, each layer initialised and quantized on the GPU) on a small model."""
+    from pathlib import Path
+
+    from qrelora.config import load_recipe
+    from qrelora.monitor import PlainLog
+    from qrelora.train import Trainer
+
+    monkeypatch.setattr(Trainer, "_build_device", lambda self: torch.device("meta"))
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.toml",
+                         MEASURED + [f"--run.output_dir={tmp_path}", "--training.steps=8", "--training.warmup_steps=2",
+                                     "--relora.warm_start_steps=0", "--relora.restart_every=4",
+                                     "--relora.restart_warmup=2", "--data.eval_tokens=2048"])
+    trainer = Trainer(recipe, PlainLog(enabled=False))
+    assert all(t.is_cuda for t in trainer.unwrapped.parameters())
+    result = trainer.run()
+    assert result["last_eval_loss"] < result["first_eval_loss"]

@@ -102,3 +102,56 @@ def test_relora_phase_after_a_warm_start_still_computes_in_bf16(tmp_path):
     trainer.switch_to_relora = switch
     trainer.run()
     assert seen and all(s == (torch.bfloat16, True) for s in seen)
+
+
+def _shape_recipe(*overrides):
+    return load_recipe(ROOT / "recipes" / "tiny.toml", ["--model.preset=custom", "--model.hidden_size=128",
+                                                        "--model.num_layers=3", "--model.num_heads=4",
+                                                        "--model.mlp_size=384", "--relora.rank=8", *overrides])
+
+
+def test_a_model_built_layer_by_layer_from_meta_is_initialised_like_a_fresh_one():
+    from qrelora.memory import StorageTracker
+    from qrelora.models import build_model, materialize
+    from qrelora.relora import add_adapters
+
+    recipe = _shape_recipe("--quant.merge=stochastic")  # no host copy: on CPU it would share the count
+    fresh = build_model(recipe.model, vocab_size=300, seq_len=64)
+    fp32_bytes = 4 * sum(p.numel() for p in fresh.parameters())
+    tracker = StorageTracker()
+    with tracker, tracker.in_phase("build"):
+        model = build_model(recipe.model, vocab_size=300, seq_len=64, device="meta")
+        add_adapters(model, recipe.relora, recipe.quant, device="cpu")
+        materialize(model, "cpu")
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    # The finished model (NF4 linears) plus one fp32 layer at a time: far under the fp32 model.
+    assert tracker.peak["build"] < 0.55 * fp32_bytes
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, fresh.model.rotary_emb.inv_freq)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for n, m in model.named_modules() if n.endswith("norm"))
+    for name in ("model.embed_tokens", "lm_head"):
+        assert model.get_submodule(name).weight.std().item() == pytest.approx(0.02, rel=0.05)
+    base = model.model.layers[1].mlp.up_proj.base.full_precision()
+    assert base.std().item() == pytest.approx(0.02, rel=0.05) and abs(base.mean().item()) < 1e-3
+    x = torch.randint(0, 300, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_B.grad.abs().sum() > 0  # B starts at zero, A does not
+
+
+def test_trainer_builds_layer_by_layer_when_the_fp32_model_would_not_fit(tmp_path, monkeypatch):
+    """The path a 7B model takes into a 24 GB card, taken here on CPU: from step 0 the run is ReLoRA and
+    the model is built on the meta device, each layer initialised and quantized in turn."""
+    monkeypatch.setattr(Trainer, "_build_device", lambda self: torch.device("meta"))
+    recipe, result, records, log = run(tmp_path, "--training.steps=8", "--training.warmup_steps=2",
+                                       "--relora.warm_start_steps=0", "--relora.restart_every=4",
+                                       "--relora.restart_warmup=2")
+    assert result["last_eval_loss"] < result["first_eval_loss"]
+    assert sum(1 for r in records if r.get("event") == "merge") == 2
+
+
+def test_where_the_trainer_builds():
+    from qrelora.train import build_device_for
+
+    gpu = torch.device("cuda")
+    assert build_device_for(5 * 2**30, 24 * 2**30, True, gpu) == gpu
+    assert build_device_for(27 * 2**30, 24 * 2**30, True, gpu).type == "meta"
+    assert build_device_for(27 * 2**30, 24 * 2**30, False, gpu).type == "cpu"
