@@ -89,6 +89,7 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from .config import load_recipe
     from .memory import Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
+    from .train import check_device
 
     try:
         budget = parse_bytes(args.budget)
@@ -100,6 +101,8 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.vocab_size < 0:
         return _bad_argument(f"--vocab-size {args.vocab_size}: must be a positive number of tokens")
     recipe = load_recipe(args.recipe, overrides)
+    if args.measure:
+        check_device(recipe)  # before the estimate, not after it
     vocab, source = vocab_size_of(recipe, args.vocab_size)
     estimator = Estimator(recipe, vocab, budget, source, args.recipe)
     estimate = estimator.estimate()

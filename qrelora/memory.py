@@ -701,8 +701,9 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
     import sys
 
     from .monitor import PlainLog
-    from .train import Trainer
+    from .train import Trainer, check_device
 
+    check_device(recipe)
     r = _measurement_recipe(recipe, steps)
     cuda = device_type_of(r) == "cuda"
     m = Measurement("cuda" if cuda else "cpu", steps)

@@ -178,6 +178,7 @@ class Trainer:
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
+        check_device(recipe)
         self.recipe = recipe
         t = recipe.training
         self.log = log or PlainLog()
@@ -520,6 +521,14 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+
+def check_device(recipe: Recipe) -> None:
+    """A recipe that asks for CUDA on a machine without it is refused (accelerate would quietly use the CPU)."""
+    if recipe.training.device == "cuda" and not torch.cuda.is_available():
+        raise cfgmod.RecipeError("[training] device", [
+            f"device = \"cuda\", but torch {torch.__version__} sees no CUDA device on this machine. Use "
+            "--training.device=auto (CUDA when there is one, else the CPU) or --training.device=cpu."])
 
 
 def fp32_model_bytes(recipe: Recipe, vocab_size: int) -> int:

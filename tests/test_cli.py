@@ -142,3 +142,14 @@ def test_console_script_and_module_agree_on_help():
     b = subprocess.run([sys.executable, "-m", "qrelora", "--help"], capture_output=True, text=True)
     assert a.returncode == b.returncode == 0
     assert "train" in a.stdout and a.stdout.replace("qrelora", "") == b.stdout.replace("qrelora", "")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["train"], ["memory", "--measure", "2"]])
+def test_asking_for_cuda_without_it_exits_2(command, tmp_path, capsys):
+    code = main([command[0], str(ROOT / "recipes" / "tiny.toml"), *command[1:], "--training.device=cuda",
+                 f"--run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and 'device = "cuda", but torch' in err and "--training.device=auto" in err
+    assert not (tmp_path / "run").exists()
+
