@@ -563,4 +563,10 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def train(recipe: Recipe, log: PlainLog | None = None) -> dict:
-    return Trainer(recipe, log).run()
+    trainer = Trainer(recipe, log)
+    try:
+        return trainer.run()
+    finally:
+        # Under torchrun, leaving the process group up lets its threads abort the exit ("terminate called
+        # without an active exception"); a single process has none and this does nothing.
+        trainer.accelerator.end_training()
