@@ -738,14 +738,10 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
                 if trainer.schedule.merges_after(step):
                     trainer._merge()
         m.tokens_per_s = timed_steps * r.tokens_per_step / seconds if seconds else 0.0
-    except torch.OutOfMemoryError:
+    finally:  # out of memory included: the snapshot shows what filled the card
         if cuda:
             _dump_snapshot(snapshot)
             m.snapshot = str(snapshot)
-        raise
-    if cuda:
-        _dump_snapshot(snapshot)
-        m.snapshot = str(snapshot)
     return m
 
 
