@@ -249,6 +249,14 @@ class Trainer:
                               f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free. Free some space or "
                               "choose another place with --run.output_dir=PATH.")
 
+    def close(self) -> None:
+        """Release the data-parallel wrapper, then the process group. Left to interpreter exit, the wrapper
+        would outlive the group and tear its threads down in an unsafe order: under torchrun a finished run
+        could end in "terminate called without an active exception". Without torchrun this does nothing."""
+        self.model = self.optimizer = None
+        self.accelerator.free_memory()
+        self.accelerator.end_training()
+
     # ----------------------------------------------------------------------------------------------
     # checkpoints
 
@@ -567,6 +575,4 @@ def train(recipe: Recipe, log: PlainLog | None = None) -> dict:
     try:
         return trainer.run()
     finally:
-        # Under torchrun, leaving the process group up lets its threads abort the exit ("terminate called
-        # without an active exception"); a single process has none and this does nothing.
-        trainer.accelerator.end_training()
+        trainer.close()

@@ -18,5 +18,5 @@ def test_two_processes_end_with_identical_weights(tmp_path, merge):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     out = subprocess.run([torchrun, "--nproc_per_node", "2", str(ROOT / "tests" / "scripts" / "ddp_identical.py"),
                           str(tmp_path / "run"), merge], capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, f"stdout: {out.stdout[-1000:]}\nstderr: {out.stderr[-8000:]}"
     assert "IDENTICAL" in out.stdout, out.stdout

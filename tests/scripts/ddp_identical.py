@@ -1,7 +1,9 @@
 """Run under torchrun: train a tiny ReLoRA model data-parallel, then check every rank holds the same weights."""
 
+import faulthandler
 import hashlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from qrelora.train import Trainer  # noqa: E402
 
 from test_training import SMALL  # noqa: E402
 
+faulthandler.enable()  # a crash prints every thread's Python stack
 run_dir, merge = sys.argv[1], sys.argv[2]
 recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
     f"--run.output_dir={run_dir}", *SMALL, "--training.steps=12", "--training.warmup_steps=2",
@@ -32,4 +35,8 @@ digests = [None] * dist.get_world_size()
 dist.all_gather_object(digests, digest.hexdigest())
 if dist.get_rank() == 0:
     print("IDENTICAL" if len(set(digests)) == 1 else f"DIFFERENT {digests}", flush=True)
-trainer.accelerator.end_training()  # a clean exit: the process group's threads stopped first
+trainer.close()  # the data-parallel wrapper and the process group released before exit
+# Under load, gloo's threads have (rarely) aborted interpreter finalization after everything above had
+# finished: a teardown race outside this test's question (are the weights identical?), so skip finalization.
+sys.stdout.flush()
+os._exit(0)
