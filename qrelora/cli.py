@@ -88,7 +88,7 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from .config import load_recipe
-    from .memory import Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
+    from .memory import GiB, Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
     from .train import check_device
 
     try:
@@ -113,7 +113,7 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
             measured = measure(recipe, args.measure)
         except torch.OutOfMemoryError:
             print(f"error: out of device memory while measuring {args.measure} steps of {args.recipe}; the estimate "
-                  f"was {estimate.need / 2**30:.2f} GiB against a budget of {budget / 2**30:.2f} GiB. "
+                  f"was {estimate.need / GiB:.2f} GiB against a budget of {budget / GiB:.2f} GiB. "
                   f"{fix_for(recipe, largest)} A memory snapshot is in {recipe.run_dir / 'memory'}.",
                   file=sys.stderr)
             return EXIT_DOES_NOT_FIT

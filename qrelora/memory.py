@@ -153,14 +153,14 @@ class StorageTracker(TorchDispatchMode):
         return out
 
 
-def roles_of(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-             extra: dict[str, list[Tensor]] | None = None) -> dict[int, str]:
-    """What each of the model's and optimizer's storages (and `extra` ones, by category) is, by storage key."""
-    roles: dict[int, str] = {}
+def _storages_by_role(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                      extra: dict[str, list[Tensor]] | None = None) -> dict[int, tuple[Tensor, str]]:
+    """Storage key -> (one tensor on it, what it is) for the model's, the optimizer's and `extra` tensors."""
+    found: dict[int, tuple[Tensor, str]] = {}
 
     def put(t: Tensor | None, category: str) -> None:
         if isinstance(t, Tensor) and t.untyped_storage().nbytes():
-            roles.setdefault(t.untyped_storage()._cdata, category)
+            found.setdefault(t.untyped_storage()._cdata, (t, category))
 
     for module in model.modules():
         if isinstance(module, FrozenWeight):
@@ -169,9 +169,8 @@ def roles_of(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
             if module.host is not None:
                 put(module.host.tensor, "master copy" if module.merge_mode == "exact" else "residual")
         elif isinstance(module, ReLoRALinear):
-            for p in (module.lora_A, module.lora_B):
-                put(p.grad, "gradients")
-                put(p, "adapters")
+            put(module.lora_A, "adapters")
+            put(module.lora_B, "adapters")
     for p in model.parameters():
         put(p.grad, "gradients")
         put(p, "full-rank weights")
@@ -184,32 +183,23 @@ def roles_of(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     for category, tensors in (extra or {}).items():
         for t in tensors:
             put(t, category)
-    return roles
+    return found
+
+
+def roles_of(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             extra: dict[str, list[Tensor]] | None = None) -> dict[int, str]:
+    """What each of the model's and optimizer's storages (and `extra` ones, by category) is, by storage key."""
+    return {key: category for key, (_, category) in _storages_by_role(model, optimizer, extra).items()}
 
 
 def register_all(tracker: StorageTracker, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    for key_tensor, category in _tensors_with_roles(model, optimizer):
-        tracker.register(key_tensor, category)
-
-
-def _tensors_with_roles(model, optimizer):
-    roles = roles_of(model, optimizer)
-    seen = set()
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [m.host.tensor for m in model.modules() if isinstance(m, FrozenWeight) and m.host is not None]
-    if optimizer is not None:
-        tensors += [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
-    for t in tensors:
-        key = t.untyped_storage()._cdata
-        if key in roles and key not in seen:
-            seen.add(key)
-            yield t, roles[key]
+    for t, category in _storages_by_role(model, optimizer).values():
+        tracker.register(t, category)
 
 
 def bytes_by_role(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t, category in _tensors_with_roles(model, optimizer):
+    for t, category in _storages_by_role(model, optimizer).values():
         out[category] = out.get(category, 0) + t.untyped_storage().nbytes()
     return out
 
