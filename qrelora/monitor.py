@@ -114,6 +114,12 @@ class PlainLog:
     def event(self, text: str) -> None:
         self.line(text)
 
+    def start(self, total_steps: int, first_step: int) -> None:
+        """The run begins (before its first evaluation); a live display starts its clock here."""
+
+    def advance(self, step: int) -> None:
+        """Called after every optimizer step (not only logged ones); plain lines show nothing here."""
+
     def close(self) -> None:
         pass
 

@@ -405,6 +405,7 @@ class Trainer:
     def run(self) -> dict:
         t, ckpt = self.recipe.training, self.recipe.checkpoint
         self.log.banner(self.run_info())
+        self.log.start(t.steps, self.state.step)
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
@@ -426,6 +427,7 @@ class Trainer:
                     self.bad_steps_in_a_row = 0
                     self.state.step += 1
                     self.state.tokens += self.throughput.tokens_per_step
+                    self.log.advance(self.state.step)
                     if self.schedule.merges_after(step):
                         self._merge()
                     if self.state.step % t.log_every == 0 or self.state.step == t.steps:
