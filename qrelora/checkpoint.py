@@ -1,23 +1,31 @@
-"""Step checkpoints that survive crashes, and finding the one to resume from.
+"""Step checkpoints that survive crashes, load nothing but data, and finding the one to resume from.
 
 A checkpoint is a directory `checkpoints/step_<8 digits>/`:
-    model.safetensors   every tensor of the model's state_dict: adapters, full-rank trainables, the packed
-                        quantized base with its statistics, and the exact master or rounding residual
-    optimizer.pt        the optimizer's state_dict (8-bit states included)
-    trainer.json        step, tokens, merges, ReLoRA phase, data position, metrics offset
-    rng.pt              torch CPU (and CUDA) generator states
-    config.toml         the resolved recipe
-It is written under a temporary name, each file flushed to disk, then renamed into place: a crash or a
-kill at any moment leaves the previous checkpoints complete, and a half-written one is never picked up.
+    model.safetensors      every tensor of the model's state_dict: adapters, full-rank trainables, the packed
+                           quantized base with its statistics, and the exact master or rounding residual
+    optimizer.safetensors  the optimizer's state_dict (8-bit states included): its tensors, and its
+                           structure and plain values as JSON in the file's metadata
+    rng.safetensors        torch CPU (and CUDA) generator states, the same way
+    trainer.json           step, tokens, merges, ReLoRA phase, data position, metrics offset, step plan
+    config.toml            the resolved recipe
+No file is a Python pickle, so loading a checkpoint someone else wrote cannot run code. It is written under
+a temporary name, each file flushed to disk, then renamed into place: a crash or a kill at any moment
+leaves the previous checkpoints complete, and a half-written one is never picked up.
+
+Checkpoints of qrelora 0.1 kept the optimizer and RNG states in `optimizer.pt` / `rng.pt` (pickles); they
+are still found, but their states are read only with `checkpoint.allow_pickle = true`, and then only
+through torch's allow-listed unpickler (`weights_only=True`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import shutil
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,9 @@ import torch
 from . import config as cfgmod
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
-FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt", "config.toml")
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
+LEGACY_FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt", "config.toml")
+MODEL_FILES = ("model.safetensors", "trainer.json", "config.toml")  # what eval and export read
 
 
 class CheckpointError(Exception):
@@ -41,17 +51,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write(path: Path, write) -> None:
+def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
-        write(f)
+        f.write(data)
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
          trainer_state: dict[str, Any], recipe: cfgmod.Recipe, keep_last: int) -> Path:
     """Write a checkpoint atomically and prune older ones beyond keep_last."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
@@ -59,14 +74,15 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    _write(tmp / "model.safetensors", lambda f: f.write(save(tensors)))
-    _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer_state, f))
+    save_file(tensors, tmp / "model.safetensors")
+    _fsync_file(tmp / "model.safetensors")
+    save_tree(tmp / "optimizer.safetensors", optimizer_state)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    _write(tmp / "rng.pt", lambda f: torch.save(rng, f))
-    _write(tmp / "trainer.json", lambda f: f.write(json.dumps(trainer_state, indent=1).encode()))
-    _write(tmp / "config.toml", lambda f: f.write(cfgmod.to_toml(recipe).encode()))
+    save_tree(tmp / "rng.safetensors", rng)
+    _write(tmp / "trainer.json", json.dumps(trainer_state, indent=1).encode())
+    _write(tmp / "config.toml", cfgmod.to_toml(recipe).encode())
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
         shutil.rmtree(final)
@@ -77,12 +93,21 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     return final
 
 
+def is_complete(path: Path, files: tuple[str, ...] = FILES) -> bool:
+    """Every file of a checkpoint is there (of either layout, unless `files` says which)."""
+    layouts = (files,) if files is not FILES else (FILES, LEGACY_FILES)
+    return any(all((path / f).is_file() for f in layout) for layout in layouts)
+
+
+def is_legacy(path: Path) -> bool:
+    return not (path / "optimizer.safetensors").is_file() and is_complete(path, LEGACY_FILES)
+
+
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Checkpoints with every file present, oldest first (temporary directories are ignored)."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir()
-             and all((p / f).is_file() for f in FILES)]
+    found = [p for p in checkpoints_dir.iterdir() if CHECKPOINT_RE.match(p.name) and p.is_dir() and is_complete(p)]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -95,7 +120,7 @@ def resolve_resume(spec: str, checkpoints_dir: Path) -> Path | None:
         found = complete_checkpoints(checkpoints_dir)
         return found[-1] if found else None
     path = Path(spec)
-    if all((path / f).is_file() for f in FILES):
+    if is_complete(path):
         return path
     found = complete_checkpoints(path / "checkpoints") or complete_checkpoints(path)
     if not found:
@@ -110,7 +135,7 @@ def resolve_resume(spec: str, checkpoints_dir: Path) -> Path | None:
 MUST_MATCH = {
     "model": ("preset", "hidden_size", "num_layers", "num_heads", "mlp_size"),
     "data": ("tokenizer", "seq_len"),
-    "training": ("micro_batch_size", "grad_accum", "steps", "warmup_steps"),
+    "training": ("micro_batch_size", "grad_accum", "warmup_steps"),  # steps: see read_progress
     "relora": ("enabled", "rank", "warm_start_steps", "restart_every"),
     "quant": ("bits", "type", "blocksize", "double_quant", "merge"),
     "optim": ("name",),
@@ -135,19 +160,148 @@ def _tomlish(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_files(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
-    """(model state, optimizer state, trainer state, rng state) of a checkpoint directory."""
+@dataclass
+class SavedState:
+    """What a checkpoint holds, as read back."""
+
+    model: dict[str, torch.Tensor]
+    trainer: dict[str, Any]
+    optimizer: dict | None = None
+    rng: dict | None = None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Delete it to resume from "
+                           "the previous one, or use --checkpoint.resume=never.")
+
+
+def load_model_state(path: Path) -> SavedState:
+    """The model tensors and trainer state of a checkpoint (all that eval and export need)."""
     from safetensors.torch import load_file
 
     try:
-        model_state = load_file(str(path / "model.safetensors"))
-        optimizer_state = torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu")
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        trainer_state = json.loads((path / "trainer.json").read_text())
+        return SavedState(model=load_file(str(path / "model.safetensors")), trainer=_read_json(path / "trainer.json"))
     except Exception as e:  # noqa: BLE001 - a damaged file of any kind
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). Delete it to resume "
-                              "from the previous one, or use --checkpoint.resume=never.") from None
-    return model_state, optimizer_state, trainer_state, rng
+        raise _unreadable(path, e) from None
+
+
+def load_files(path: Path, allow_pickle: bool = False) -> SavedState:
+    """Everything a checkpoint holds, for resuming. A checkpoint of the old layout (pickled optimizer.pt and
+    rng.pt) is refused unless allow_pickle, and even then read only through torch's allow-listed unpickler."""
+    check_loadable(path, allow_pickle)
+    saved = load_model_state(path)
+    legacy = is_legacy(path)
+    try:
+        if legacy:  # only torch's allow-listed unpickler: tensors and plain values, nothing callable
+            saved.optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            saved.rng = torch.load(path / "rng.pt", weights_only=True)
+        else:
+            saved.optimizer = load_tree(path / "optimizer.safetensors")
+            saved.rng = load_tree(path / "rng.safetensors")
+    except Exception as e:  # noqa: BLE001 - a damaged file, or a pickle holding more than plain data
+        if legacy:
+            raise CheckpointError(
+                f"checkpoint {path}: its optimizer.pt / rng.pt hold something other than tensors and plain values "
+                f"({type(e).__name__}: {_first_line(e)}), so they were not loaded. Do not use this checkpoint; "
+                "start afresh with --checkpoint.resume=never.") from None
+        raise _unreadable(path, e) from None
+    return saved
+
+
+def check_loadable(path: Path, allow_pickle: bool) -> None:
+    """Refuse a checkpoint of the old, pickled layout unless the user opted in."""
+    if is_legacy(path) and not allow_pickle:
+        raise CheckpointError(
+            f"checkpoint {path} stores its optimizer and RNG states as Python pickles (optimizer.pt, rng.pt: the "
+            "layout of qrelora 0.1). Loading a pickle can run any code its author put in it, so it is refused. "
+            "If you trust whoever wrote this checkpoint, resume with --checkpoint.allow_pickle=true (the states "
+            "are then read with torch's allow-listed unpickler, and the next checkpoint is written without "
+            "pickles); otherwise start afresh with --checkpoint.resume=never or another --run.output_dir.")
+
+
+def read_progress(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """(steps done, the run's plan as [(step, total_steps), ...]) of a checkpoint: one entry for a run as
+    planned, one more per extension (checkpoints from before extensions existed have one)."""
+    try:
+        trainer = _read_json(path / "trainer.json")
+        plan = trainer.get("plan") or [(0, tomllib.loads((path / "config.toml").read_text())["training"]["steps"])]
+        return int(trainer["step"]), [(int(at), int(total)) for at, total in plan]
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested state (optimizer and RNG state_dicts) as safetensors: tensors in the file, the rest as JSON
+
+
+def save_tree(path: Path, tree: Any) -> None:
+    """A nested structure of dicts, lists, tuples, tensors and plain values as one safetensors file.
+
+    The structure goes into the header's metadata as JSON, tagged so that tuples and non-string dict keys
+    (torch optimizers key their state by parameter index) come back as they were.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = obj.detach().cpu().contiguous()
+            return {"tensor": key}
+        if isinstance(obj, dict):
+            return {"dict": [[encode(k), encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, tuple):
+            return {"tuple": [encode(v) for v in obj]}
+        if isinstance(obj, list):
+            return [encode(v) for v in obj]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (only tensors and plain values)")
+
+    structure = encode(tree)
+    # safetensors refuses two names for one storage (8-bit optimizers can share a code table): copy those.
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors.values() if t.numel())
+    tensors = {k: t.clone() if t.numel() and storages[t.untyped_storage().data_ptr()] > 1 else t
+               for k, t in tensors.items()}
+    save_file(tensors, path, metadata={"qrelora_tree": json.dumps(structure)})
+    _fsync_file(path)
+
+
+def load_tree(path: Path) -> Any:
+    """The structure save_tree stored; raises ValueError on anything it would not have written."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if "qrelora_tree" not in metadata:
+        raise ValueError(f"{path.name} is not a qrelora state file (no structure in its metadata)")
+
+    def decode(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [decode(v) for v in obj]
+        if isinstance(obj, dict):
+            (tag, value), = obj.items()
+            if tag == "tensor":
+                return tensors[value]
+            if tag == "tuple":
+                return tuple(decode(v) for v in value)
+            if tag == "dict":
+                return {decode(k): decode(v) for k, v in value}
+            raise ValueError(f"unknown tag {tag!r}")
+        return obj
+
+    return decode(json.loads(metadata["qrelora_tree"]))
 
 
 def restore_rng(rng: dict) -> None:

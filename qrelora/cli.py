@@ -18,6 +18,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "e.g. --training.steps=30 --relora.rank=64.")
     t.add_argument("recipe", help="path to a TOML recipe (see recipes/)")
     t.add_argument("--no-live", action="store_true", help="plain log lines even on a terminal")
+    t.add_argument("--extend-to", type=int, metavar="STEPS",
+                   help="continue the run in the recipe's run directory to STEPS steps in all (a finished or "
+                        "interrupted run); the learning-rate schedule's tail is recomputed from there")
     m = sub.add_parser("memory", help="estimate peak memory of a recipe and the largest micro-batch that fits",
                        description="Peak device and host memory of a recipe by category, the verdict against a "
                                    "budget (exit 3 if it does not fit) and the largest micro-batch that fits. "
@@ -70,7 +73,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     recipe = load_recipe(args.recipe, overrides)
     try:
-        train(recipe, make_log(args.no_live))
+        train(recipe, make_log(args.no_live), args.extend_to)
     except torch.OutOfMemoryError as e:
         report = out_of_memory_report(recipe, args.recipe, overrides)
         print(f"error: out of device memory ({_first_line(e)}).\n{report}", file=sys.stderr)
@@ -171,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import RecipeError
     from .data import DataError
-    from .train import RunDirError, TrainingDiverged, TrainingInterrupted
+    from .runlock import RunDirLocked
+    from .train import RunComplete, RunDirError, TrainingDiverged, TrainingInterrupted
 
     try:
         if args.command == "train":
@@ -181,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return cmd_eval(args)
         return cmd_memory(args, overrides)
-    except (RecipeError, DataError, CheckpointError, RunDirError) as e:
+    except RunComplete as e:
+        print(e)
+        return EXIT_OK
+    except (RecipeError, DataError, CheckpointError, RunDirError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except TrainingInterrupted:

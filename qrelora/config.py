@@ -162,6 +162,8 @@ class CheckpointConfig:
     """Checkpoints kept on disk."""
     resume: str = "auto"
     """"auto" (newest valid checkpoint of the run directory), "never", or a checkpoint path."""
+    allow_pickle: bool = False
+    """Resume from a checkpoint of the old layout (pickled optimizer.pt / rng.pt): only one you trust."""
 
 
 @dataclass

@@ -29,11 +29,12 @@ def _recipe_from(path: Path, data: str | None) -> cfgmod.Recipe:
 def load_checkpoint_model(path: Path, data: str | None = None):
     """(recipe, model with adapters as trained, tokenizer) from a checkpoint directory, on the CPU."""
     path = Path(path)
-    if not all((path / f).is_file() for f in checkpoint.FILES):
+    if not checkpoint.is_complete(path, checkpoint.MODEL_FILES):
         raise checkpoint.CheckpointError(f"{path} is not a complete checkpoint (expected {', '.join(checkpoint.FILES)})."
                                          " Give a runs/<name>/checkpoints/step_<N> directory.")
     recipe = _recipe_from(path / "config.toml", data)
-    model_state, _, trainer_state, _ = checkpoint.load_files(path)
+    saved = checkpoint.load_model_state(path)
+    model_state, trainer_state = saved.model, saved.trainer
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     model = build_model(recipe.model, len(tokenizer), recipe.data.seq_len, eos_id=tokenizer.eos_token_id)
     if trainer_state["relora_active"]:

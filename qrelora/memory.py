@@ -701,6 +701,7 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
     if cuda:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
         torch.cuda.reset_peak_memory_stats()
+    trainer = None
     try:
         trainer = Trainer(r, log or PlainLog(sys.stderr))  # stdout stays for the report (--json)
         if cuda:
@@ -729,6 +730,8 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
                     trainer._merge()
         m.tokens_per_s = timed_steps * r.tokens_per_step / seconds if seconds else 0.0
     finally:  # out of memory included: the snapshot shows what filled the card
+        if trainer is not None:
+            trainer.close()  # frees the run directory's lock
         if cuda:
             _dump_snapshot(snapshot)
             m.snapshot = str(snapshot)

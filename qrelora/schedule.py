@@ -1,7 +1,7 @@
 """The jagged cosine learning-rate schedule of ReLoRA, as a pure function of the step.
 
 Being a function of the step alone, it needs no state of its own: a resumed run gets it back from the
-step counter.
+step counter (and, for a run that was extended, from the plan its checkpoint records).
 """
 
 from __future__ import annotations
@@ -22,9 +22,35 @@ class JaggedCosine:
     restart_warmup: int = 0
     relora_start: int = 0
     """First step of the ReLoRA phase (the warm-start length)."""
+    extended_at: int = 0
+    """For a run extended to total_steps: the step from which this plan holds (0: planned from the start)."""
+    previous: JaggedCosine | None = None
+    """The plan the run followed before extended_at."""
+
+    @classmethod
+    def for_plan(cls, plan: list[tuple[int, int]], **kwargs) -> JaggedCosine:
+        """The schedule of a run whose length was set at each (step, total_steps) of plan, oldest first."""
+        schedule = None
+        for at, total in plan:
+            schedule = cls(total_steps=total, extended_at=at, previous=schedule, **kwargs)
+        return schedule
 
     def envelope(self, step: int) -> float:
-        """Linear warm-up from 0, then one cosine over the rest of the run down to min_lr_ratio * lr."""
+        """Linear warm-up from 0, then one cosine over the rest of the run down to min_lr_ratio * lr.
+
+        After an extension the envelope is the cosine planned for the new total, eased into linearly over
+        warmup_steps from the value the old plan had at the extension step, so the learning rate never
+        jumps (a finished run resumes from min_lr and climbs back to the longer cosine).
+        """
+        if self.previous is None:
+            return self._cosine(step)
+        if step < self.extended_at:
+            return self.previous.envelope(step)
+        start, planned = self.previous.envelope(self.extended_at), self._cosine(step)
+        ease = min(1.0, (step - self.extended_at) / self.warmup_steps) if self.warmup_steps else 1.0
+        return start + (planned - start) * ease
+
+    def _cosine(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * step / self.warmup_steps
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)

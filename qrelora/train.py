@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -29,6 +30,7 @@ from .models import build_model, count_parameters, materialize, resolve_shape
 from .monitor import MetricsFile, PlainLog, Timer, device_description, memory_gib, peak_flops
 from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
 from .relora import ReLoRALinear, add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
+from .runlock import RunDirLocked, RunLock
 from .schedule import JaggedCosine
 
 
@@ -107,6 +109,10 @@ class RunDirError(Exception):
     """The run directory cannot be used (not writable, not enough free disk); nothing was trained."""
 
 
+class RunComplete(Exception):
+    """The run directory already holds the final checkpoint of this run; nothing was done."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT / SIGTERM: the run stopped after saving a checkpoint."""
 
@@ -173,7 +179,9 @@ def no_phases(name: str) -> contextlib.AbstractContextManager:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, log: PlainLog | None = None):
+    def __init__(self, recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None):
+        """extend_to: continue the run in recipe's run directory to this many steps in all (a longer or
+        shorter plan than the one it was started with); its schedule's tail is recomputed from there."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
@@ -195,14 +203,27 @@ class Trainer:
         self.run_dir = recipe.run_dir
         self.checkpoints_dir = self.run_dir / "checkpoints"
         resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, self.checkpoints_dir)
-        if resume_from is not None:
-            checkpoint.check_compatible(resume_from, recipe)
+        self.plan, self.extended = self._plan(resume_from, extend_to)
+        if self.plan[-1][1] != t.steps:
+            recipe = self.recipe = dataclasses.replace(recipe, training=dataclasses.replace(t, steps=self.plan[-1][1]))
+            t = recipe.training
+        self._check_writable()
+        self.lock = RunLock(self.run_dir)
+        self._take_lock()
+        try:
+            self._build(recipe, resume_from)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, recipe: Recipe, resume_from: Path | None) -> None:
+        t = recipe.training
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.data: TokenData = build_data(recipe.data, self.tokenizer, t.seed)
         self.eval_batches = self.data.eval_batches(t.micro_batch_size)
 
-        self.schedule = JaggedCosine(
-            lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+        self.schedule = JaggedCosine.for_plan(
+            self.plan, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
             restart_every=recipe.relora.restart_every if recipe.relora.enabled else 0,
             restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps)
         self.relora = ReLoRAPhase(recipe, self.run_dir)
@@ -214,8 +235,13 @@ class Trainer:
                             eos_id=self.tokenizer.eos_token_id, device=self._build_device())
         if t.activation_checkpointing:
             enable_activation_checkpointing(model)
-        saved = checkpoint.load_files(resume_from) if resume_from is not None else None
-        if self.relora.switch_due(0) or (saved and saved[2]["relora_active"]):
+        saved = None
+        if resume_from is not None:
+            saved = checkpoint.load_files(resume_from, allow_pickle=recipe.checkpoint.allow_pickle)
+            if checkpoint.is_legacy(resume_from):
+                self.log.event(f"warning: read the pickled optimizer and RNG states of {resume_from} "
+                               "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
+        if self.relora.switch_due(0) or (saved and saved.trainer["relora_active"]):
             self.relora.convert(model, self.device)
         materialize(model, self.device)  # what a meta-device build has left: embeddings, norms, head
         self._check_run_dir(model)
@@ -233,15 +259,79 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
 
-    def _check_run_dir(self, model: nn.Module) -> None:
-        """Writable, with room for at least one checkpoint, checked on the nearest existing ancestor so
-        that a bad path leaves nothing behind."""
+    def _plan(self, resume_from: Path | None, extend_to: int | None) -> tuple[list[tuple[int, int]], bool]:
+        """The run's length as [(step, total_steps), ...]: one entry, plus one per extension. Raises
+        RunComplete when a resumed run has nothing left to do."""
+        r, steps = self.recipe, self.recipe.training.steps
+        if resume_from is None:
+            if extend_to is not None:
+                raise RunDirError(f"--extend-to={extend_to}: there is no checkpoint to extend in "
+                                  f"{self.checkpoints_dir} (checkpoint.resume = {r.checkpoint.resume!r}). To train "
+                                  f"{extend_to} steps from scratch, use --training.steps={extend_to}.")
+            return [(0, steps)], False
+        checkpoint.check_compatible(resume_from, r)
+        checkpoint.check_loadable(resume_from, r.checkpoint.allow_pickle)
+        done, plan = checkpoint.read_progress(resume_from)
+        planned = plan[-1][1]
+        if extend_to is None:
+            if steps not in (plan[0][1], planned):
+                raise checkpoint.CheckpointError(
+                    f"training.steps = {steps}, but the run in {self.run_dir} was planned for {planned} steps "
+                    f"(checkpoint {resume_from}). To change the length of this run, give the new total with "
+                    f"--extend-to={steps}; to start afresh, --checkpoint.resume=never.")
+            if done >= planned:
+                raise RunComplete(self._complete_message(resume_from, done))
+            return plan, False
+        if extend_to <= done or extend_to == planned:
+            raise RunDirError(f"--extend-to={extend_to}: the run in {self.run_dir} has done {done} of {planned} planned "
+                              f"steps; give a new total above {done} and other than {planned}.")
+        rl = r.relora
+        if rl.enabled and (extend_to <= rl.warm_start_steps or (extend_to - rl.warm_start_steps) % rl.restart_every):
+            cycles = max(1, (extend_to - rl.warm_start_steps) // rl.restart_every)
+            options = sorted({rl.warm_start_steps + c * rl.restart_every for c in (cycles, cycles + 1)} - {planned})
+            raise RunDirError(f"--extend-to={extend_to}: the ReLoRA phase must stay a whole number of cycles of "
+                              f"relora.restart_every = {rl.restart_every} steps after the {rl.warm_start_steps} "
+                              f"warm-start steps; choose e.g. --extend-to={options[-1]}.")
+        return [*plan, (done, extend_to)], True
+
+    def _complete_message(self, resume_from: Path, done: int) -> str:
+        evals = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if "eval_loss" in r]
+        result = f", final eval loss {evals[-1]['eval_loss']:.4f}" if evals else ""
+        return (f"the run in {self.run_dir} is complete: {done} of {done} steps{result} (checkpoint {resume_from}). "
+                "Nothing was changed. To train it further, run the same command with --extend-to=STEPS (the new "
+                "total); to start afresh, add --checkpoint.resume=never (this run's checkpoints and metrics are "
+                "then replaced) or choose another directory with --run.output_dir=PATH.")
+
+    def _check_writable(self) -> None:
+        """The run directory can be created and written, checked on the nearest existing ancestor so that a
+        bad path leaves nothing behind."""
         existing = self.run_dir
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise RunDirError(f"run directory {self.run_dir} cannot be created or written ({existing} is not a "
                               "writable directory). Choose another place with --run.output_dir=PATH.")
+
+    def _take_lock(self) -> None:
+        """The main process locks the run directory; every process learns whether it could."""
+        from accelerate.utils import broadcast_object_list
+
+        refused = None
+        if self.accelerator.is_main_process:
+            try:
+                self.lock.acquire()
+            except RunDirLocked as e:
+                refused = str(e)
+        if self.accelerator.num_processes > 1:
+            refused = broadcast_object_list([refused])[0]
+        if refused:
+            raise RunDirLocked(refused)
+
+    def _check_run_dir(self, model: nn.Module) -> None:
+        """Room for at least one checkpoint."""
+        existing = self.run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         need = checkpoint.estimate_bytes(model)
         free = shutil.disk_usage(existing).free
         if free < need:
@@ -250,9 +340,10 @@ class Trainer:
                               "choose another place with --run.output_dir=PATH.")
 
     def close(self) -> None:
-        """Release the data-parallel wrapper, then the process group. Left to interpreter exit, the wrapper
-        would outlive the group and tear its threads down in an unsafe order: under torchrun a finished run
-        could end in "terminate called without an active exception". Without torchrun this does nothing."""
+        """Release the run directory, the data-parallel wrapper, then the process group. Left to interpreter
+        exit, the wrapper would outlive the group and tear its threads down in an unsafe order: under
+        torchrun a finished run could end in "terminate called without an active exception"."""
+        self.lock.release()
         self.model = self.optimizer = None
         self.accelerator.free_memory()
         self.accelerator.end_training()
@@ -266,28 +357,28 @@ class Trainer:
         if self.accelerator.is_main_process:
             trainer_state = dataclasses.asdict(self.state) | {
                 "relora_active": self.relora.active, "data": self.data.state_dict(),
-                "metrics_offset": self.metrics.tell() if self.metrics else 0}
+                "metrics_offset": self.metrics.tell() if self.metrics else 0, "plan": self.plan}
             path = checkpoint.save(self.checkpoints_dir, self.state.step, self.unwrapped.state_dict(),
                                    self.optimizer.state_dict(), trainer_state, self.recipe,
                                    self.recipe.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
         return path
 
-    def _load(self, saved: tuple, metrics_path: Path) -> None:
-        model_state, optimizer_state, trainer_state, rng = saved
-        missing, unexpected = self.unwrapped.load_state_dict(model_state, strict=False)
+    def _load(self, saved: checkpoint.SavedState, metrics_path: Path) -> None:
+        trainer_state = saved.trainer
+        missing, unexpected = self.unwrapped.load_state_dict(saved.model, strict=False)
         if missing or unexpected:
             raise checkpoint.CheckpointError(
                 f"checkpoint {self.resumed_from} does not fit this model ({len(missing)} missing and "
                 f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that "
                 "wrote it, or --checkpoint.resume=never.")
-        self.optimizer.load_state_dict(optimizer_state)
+        self.optimizer.load_state_dict(saved.optimizer)
         self.data.load_state_dict(trainer_state["data"])
         self.state = TrainState(**{k: trainer_state[k] for k in ("step", "tokens", "merges")})
         if metrics_path.exists() and self.accelerator.is_main_process:
             with open(metrics_path, "r+b") as f:  # drop records written after the checkpoint
                 f.truncate(trainer_state["metrics_offset"])
-        checkpoint.restore_rng(rng)
+        checkpoint.restore_rng(saved.rng)
 
     # ----------------------------------------------------------------------------------------------
     # set-up
@@ -406,6 +497,10 @@ class Trainer:
         t, ckpt = self.recipe.training, self.recipe.checkpoint
         self.log.banner(self.run_info())
         self.log.start(t.steps, self.state.step)
+        if self.extended:
+            at, total = self.plan[-1]
+            self._event({"event": "extend", "from_steps": self.plan[-2][1], "to_steps": total,
+                         "lr_at_step": self.schedule(at)}, f"extended: {self._extension_text()}")
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
@@ -444,6 +539,7 @@ class Trainer:
             self.log.close()
             if self.metrics is not None:
                 self.metrics.close()
+            self.lock.release()
         wall = time.perf_counter() - started
         change = f"{eval_loss:.4f}" if math.isnan(first_eval) else f"{first_eval:.4f} -> {eval_loss:.4f}"
         self.log.line(f"done: {self.state.step} steps, {self.state.tokens:,} tokens in {wall:.0f} s; "
@@ -495,6 +591,8 @@ class Trainer:
                      f"{t.steps:,} steps = {tokens_per_step * t.steps / 1e6:,.1f}M tokens",
             "optimizer": resolve_optimizer_name(r.optim, self.device.type),
         }
+        if len(self.plan) > 1:
+            info["schedule"] = self._extension_text()
         if r.relora.enabled:
             cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
             storage = {4: r.quant.type.upper(), 8: "int8", 16: "16-bit"}[r.quant.bits]
@@ -504,6 +602,13 @@ class Trainer:
         else:
             info["relora"] = "off (full-rank training)"
         return info
+
+    def _extension_text(self) -> str:
+        (_, before), (at, total) = self.plan[-2], self.plan[-1]
+        s = self.schedule
+        return (f"planned for {before:,} steps, extended at step {at:,} to {total:,}: the learning rate eases from "
+                f"{s.previous.envelope(at):.2e} to the cosine planned for {total:,} steps over "
+                f"{s.warmup_steps} steps (training.warmup_steps)")
 
     def flops_per_token(self) -> float:
         """Forward and input-gradient matmuls touch every weight (4 FLOPs each), weight gradients only the
@@ -531,6 +636,13 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl ([] when there is none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def check_device(recipe: Recipe) -> None:
@@ -572,8 +684,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def train(recipe: Recipe, log: PlainLog | None = None) -> dict:
-    trainer = Trainer(recipe, log)
+def train(recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None) -> dict:
+    trainer = Trainer(recipe, log, extend_to)
     try:
         return trainer.run()
     finally:
