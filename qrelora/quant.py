@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .seeding import derive_seed
+
 _bnb_functional = None
 
 
@@ -369,7 +371,7 @@ class FrozenWeight(nn.Module):
             w_norm = target.norm().item()
             if self.merge_mode == "stochastic":
                 # Seeded by layer and merge count: every data-parallel rank draws the same rounding.
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.merges_done)
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, self.merges_done, "stochastic rounding"))
                 self._set_packed(self.codec.quantize_stochastic(target, gen))
             else:
                 self._set_packed(self.codec.quantize(target))

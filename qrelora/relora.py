@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .config import QuantConfig, ReLoRAConfig
 from .models import init_module
 from .quant import Codec, FrozenWeight, frozen_linear, make_codec
+from .seeding import derive_seed
 
 # The linears of a LLaMA block that carry adapters; embeddings, norms and the head stay full-rank.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -105,7 +106,7 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
             linear.to(device)
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
-                             mmap_path=mmap_path, seed=seed * 100003 + i)
+                             mmap_path=mmap_path, seed=derive_seed(seed, i, "adapter layer"))
         setattr(parent, child, layer)
         del linear
         layers.append(layer)

@@ -32,6 +32,7 @@ from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_
 from .relora import ReLoRALinear, add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
 from .runlock import RunDirLocked, RunLock
 from .schedule import JaggedCosine
+from .seeding import derive_seed
 
 
 @dataclass
@@ -94,7 +95,7 @@ class ReLoRAPhase:
 
     def merge(self, model: nn.Module, optimizer: torch.optim.Optimizer, merge_index: int) -> dict:
         report = merge_and_reinit(model)
-        gen = torch.Generator().manual_seed(self.seed * 7919 + merge_index)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, merge_index, "moment reset"))
         t0 = time.perf_counter()
         zeroed = prune_adapter_moments(optimizer, self.adapter_params(model), self.cfg.reset, self.cfg.reset_ratio,
                                        gen)
