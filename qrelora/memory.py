@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import Recipe
-from .quant import Codec, FrozenWeight
+from .quant import MERGE_MODES, Codec, FrozenWeight
 from .relora import ReLoRALinear, add_adapters, codec_for
 
 GiB = 2**30
@@ -167,7 +167,7 @@ def _storages_by_role(model: nn.Module, optimizer: torch.optim.Optimizer | None 
             for b in module.buffers(recurse=False):
                 put(b, "frozen weights")
             if module.host is not None:
-                put(module.host.tensor, "master copy" if module.merge_mode == "exact" else "residual")
+                put(module.host.tensor, module.mode.host_category)
         elif isinstance(module, ReLoRALinear):
             put(module.lora_A, "adapters")
             put(module.lora_B, "adapters")
@@ -235,24 +235,13 @@ def optimizer_step_workspace(params: list[Tensor], name: str, device_type: str) 
     return 2 * max(p.numel() * p.element_size() for p in params)
 
 
-# Peak temporaries of the merge moment in units of the largest adapted layer's fp32 size, by device and
-# merge mode. Measured: on CPU with `qrelora memory --measure` on the 60M shape (NF4 and int8), where the
-# moment also holds the effective-rank report (a copy, a difference and an SVD of one layer, in host
-# memory, which is the device's); on CUDA for the exact merge of a 1.3B MLP layer on an H200 (1.38,
-# tests/test_gpu.py). The other CUDA modes take the CPU figures, unmeasured there.
-MERGE_WORKSPACE = {
-    "cpu": {"exact": 2.4, "error_feedback": 5.0, "stochastic": 13.5, "naive": 4.0},
-    "cuda": {"exact": 1.4, "error_feedback": 5.0, "stochastic": 13.5, "naive": 4.0},
-}
-
-
 def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: str) -> int:
     """Device temporaries of the merge moment (layers are merged one at a time, after the step's gradients
     are freed): the fp32 update s*B@A, the master or dequantized target, the new codes next to the old."""
     if not layers:
         return 0
     largest = max(layer.base.numel() for layer in layers)
-    return int(MERGE_WORKSPACE[device_type][merge] * 4 * largest)
+    return int(MERGE_MODES[merge].workspace[device_type] * 4 * largest)
 
 
 class LayoutCodec(Codec):
@@ -574,7 +563,7 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
         elif where.type == "meta":
             largest = max(layer.base.numel() for layer in sim.layers)
             candidates["build"] = {k: v for k, v in static.items() if k != "gradients"} | {
-                "build workspace": int(MERGE_WORKSPACE["cuda"]["exact"] * 4 * largest)}
+                "build workspace": int(MERGE_MODES["exact"].workspace["cuda"] * 4 * largest)}
         else:
             host["fp32 model while building"] = sim.fp32_model_bytes
     for key in ("master copy", "residual"):
