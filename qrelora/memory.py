@@ -6,7 +6,7 @@ real layer code (the frozen weights laid out exactly as their codec would store 
 micro-batch forward and backward, with the recipe's autocast and activation checkpointing, under a
 `StorageTracker` that follows every tensor storage from creation to release. The peak of live bytes, split
 by what each storage is, gives the weights, gradients, activations and logits. What no tensor of the step
-shows is added from the optimizer's storage format (`optimizer_state_bytes`), the merge's known
+shows is added from the optimizer's storage format (`OptimizerKind.state_bytes`), the merge's known
 temporaries (`merge_workspace_bytes`) and, on CUDA, the allocator's reserve and the CUDA context.
 
 `measure` runs real training steps (one merge included) of the same recipe and records the peak of each
@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import Recipe
+from .optim import OPTIMIZERS
 from .quant import MERGE_MODES, Codec, FrozenWeight
 from .relora import ReLoRALinear, add_adapters, codec_for
 
@@ -40,10 +41,6 @@ GiB = 2**30
 # (kernels, cuBLAS workspace) is an assumption, usually 0.3-0.6 GiB; tools/measure_gpu.py records it.
 ALLOCATOR_RESERVE = 0.15
 CUDA_CONTEXT_BYTES = GiB // 2
-# bitsandbytes' 8-bit optimizers keep 32-bit states for tensors under this many values, and one fp32
-# scale per block of this many values otherwise (bnb.optim.Optimizer8bit defaults).
-BNB_MIN_8BIT_SIZE = 4096
-BNB_STATE_BLOCKSIZE = 256
 
 DEVICE_CATEGORIES = (
     "frozen weights", "adapters", "full-rank weights", "gradients", "optimizer states", "activations",
@@ -206,33 +203,6 @@ def bytes_by_role(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
 # --------------------------------------------------------------------------------------------------
 # What no tensor of a forward / backward shows
-
-
-def optimizer_state_bytes(params: list[Tensor], name: str) -> int:
-    """Bytes of the optimizer's state for these parameters once it has stepped: torch AdamW keeps two
-    moments in the parameter's dtype; bitsandbytes' 8-bit AdamW keeps two uint8 moments plus one fp32
-    scale per 256 values each (32-bit moments for small tensors); its code tables are shared."""
-    total = 0
-    for p in params:
-        n = p.numel()
-        if name == "adamw" or n < BNB_MIN_8BIT_SIZE:
-            total += 2 * n * (p.element_size() if name == "adamw" else 4)
-        else:
-            total += 2 * n + 2 * 4 * -(-n // BNB_STATE_BLOCKSIZE)
-    if name != "adamw" and any(p.numel() >= BNB_MIN_8BIT_SIZE for p in params):
-        total += 2 * 256 * 4  # the two 256-entry code tables, shared by every tensor
-    return total
-
-
-def optimizer_step_workspace(params: list[Tensor], name: str, device_type: str) -> int:
-    """Temporaries of one optimizer step: torch AdamW's multi-tensor path on CUDA builds the square root
-    of every second moment at once; its per-tensor path (CPU) two temporaries of the largest tensor.
-    bitsandbytes' 8-bit step updates in place."""
-    if name != "adamw" or not params:
-        return 0
-    if device_type == "cuda":
-        return sum(p.numel() * p.element_size() for p in params)
-    return 2 * max(p.numel() * p.element_size() for p in params)
 
 
 def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: str) -> int:
@@ -539,9 +509,9 @@ def _activations(s: Simulation) -> int:
 
 def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_type: str, budget: int,
            first: bool) -> PhaseEstimate:
-    opt = {"optimizer states": optimizer_state_bytes(sim.trainable, optimizer)}
+    opt = {"optimizer states": OPTIMIZERS[optimizer].state_bytes(sim.trainable)}
     static = _device_part(sim.static)
-    workspaces = {"optimizer step workspace": optimizer_step_workspace(sim.trainable, optimizer, device_type)}
+    workspaces = {"optimizer step workspace": OPTIMIZERS[optimizer].step_workspace(sim.trainable, device_type)}
     candidates = {
         "forward": _device_part(sim.forward) | opt,
         "backward": _device_part(sim.backward) | opt,

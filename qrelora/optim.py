@@ -10,12 +10,90 @@ import torch
 from torch import Tensor, nn
 
 from .config import OptimConfig
+from .quant import bnb_functional
+
+
+class OptimizerKind:
+    """One optimizer the recipe can name (optim.name): how to build it, and its state's storage format for
+    the memory tool."""
+
+    name: str
+
+    def build(self, groups: list[dict], **kwargs) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def state_bytes(self, params: list[Tensor]) -> int:
+        """Bytes of the state for these parameters once the optimizer has stepped."""
+        raise NotImplementedError
+
+    def step_workspace(self, params: list[Tensor], device_type: str) -> int:
+        """Temporaries of one step on the device."""
+        return 0
+
+
+class TorchAdamW(OptimizerKind):
+    """torch.optim.AdamW: two moments in the parameter's dtype."""
+
+    name = "adamw"
+
+    def build(self, groups, **kwargs):
+        return torch.optim.AdamW(groups, **kwargs)
+
+    def state_bytes(self, params):
+        return sum(2 * p.numel() * p.element_size() for p in params)
+
+    def step_workspace(self, params, device_type):
+        """The multi-tensor path on CUDA builds the square root of every second moment at once; the
+        per-tensor path (CPU) two temporaries of the largest tensor."""
+        if not params:
+            return 0
+        if device_type == "cuda":
+            return sum(p.numel() * p.element_size() for p in params)
+        return 2 * max(p.numel() * p.element_size() for p in params)
+
+
+class AdamW8bit(OptimizerKind):
+    """bitsandbytes' blockwise 8-bit AdamW: two uint8 moments plus one fp32 scale per block of 256 values
+    each, fp32 moments for tensors under 4096 values, two shared 256-entry code tables (the defaults of
+    bnb.optim.Optimizer8bit). Its step updates in place."""
+
+    name, bnb_class = "adamw8bit", "AdamW8bit"
+    min_8bit_size = 4096
+    state_blocksize = 256
+
+    def build(self, groups, **kwargs):
+        bnb_functional()  # silences bitsandbytes' CPU import noise
+        import bitsandbytes as bnb  # heavy (1.4 s) and unused by torch's AdamW: imported when needed
+
+        with warnings.catch_warnings():
+            # Paged optimizers warn that they fall back to ordinary memory on CPU; nothing a user can act on.
+            warnings.simplefilter("ignore")
+            return getattr(bnb.optim, self.bnb_class)(groups, **kwargs)
+
+    def state_bytes(self, params):
+        total = 0
+        for p in params:
+            n = p.numel()
+            total += 2 * n * 4 if n < self.min_8bit_size else 2 * n + 2 * 4 * -(-n // self.state_blocksize)
+        if any(p.numel() >= self.min_8bit_size for p in params):
+            total += 2 * 256 * 4
+        return total
+
+
+class PagedAdamW8bit(AdamW8bit):
+    """The same states in CUDA managed memory, which the driver can page to the host under pressure."""
+
+    name, bnb_class = "paged_adamw8bit", "PagedAdamW8bit"
+
+
+OPTIMIZERS: dict[str, OptimizerKind] = {o.name: o for o in (TorchAdamW(), AdamW8bit(), PagedAdamW8bit())}
 
 
 def resolve_optimizer_name(cfg: OptimConfig, device_type: str) -> str:
     if cfg.name != "auto":
         return cfg.name
-    # On CPU the 8-bit step is plain torch code, ~7x slower than torch's AdamW (platform.md).
+    # On CPU the 8-bit step is plain torch code, ~7x slower than torch's AdamW (measured: 90 ms against
+    # 12 ms for 10M parameters on a 2-core CPU).
     return "paged_adamw8bit" if device_type == "cuda" else "adamw"
 
 
@@ -32,21 +110,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
-    name = resolve_optimizer_name(cfg, device_type)
-    groups = param_groups(model, cfg.weight_decay)
-    kwargs = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
-    from .quant import bnb_functional
-
-    bnb_functional()  # silences bitsandbytes' CPU import noise
-    import bitsandbytes as bnb
-
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
-    with warnings.catch_warnings():
-        # Paged optimizers warn that they fall back to ordinary memory on CPU; nothing a user can act on.
-        warnings.simplefilter("ignore")
-        return cls(groups, **kwargs)
+    kind = OPTIMIZERS[resolve_optimizer_name(cfg, device_type)]
+    return kind.build(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:
@@ -98,6 +163,59 @@ def _zero_entries(state: dict, key: str, mask: Tensor) -> None:
         t.masked_fill_(mask, 0.0)
 
 
+class MomentReset:
+    """Which entries of an adapter's Adam moments a restart zeroes (recipe key relora.reset)."""
+
+    name: str
+
+    def mask(self, m1: Tensor, ratio: float, generator: torch.Generator | None) -> Tensor:
+        """True where both moments are zeroed, chosen from the first moment m1 (fp32)."""
+        raise NotImplementedError
+
+
+class MagnitudeReset(MomentReset):
+    """The paper's reset: the `ratio` share of entries with the smallest first moment."""
+
+    name = "magnitude"
+
+    def mask(self, m1, ratio, generator):
+        k = int(round(ratio * m1.numel()))
+        mask = torch.zeros(m1.numel(), dtype=torch.bool, device=m1.device)
+        if k > 0:
+            mask[torch.topk(m1.abs().view(-1), k, largest=False).indices] = True
+        return mask.view(m1.shape)
+
+
+class RandomReset(MomentReset):
+    """A random `ratio` share of entries (drawn on the CPU, so every data-parallel rank draws the same)."""
+
+    name = "random"
+
+    def mask(self, m1, ratio, generator):
+        return torch.rand(m1.shape, generator=generator, device="cpu").to(m1.device) < ratio
+
+
+class ZeroReset(MomentReset):
+    """Every entry."""
+
+    name = "zero"
+
+    def mask(self, m1, ratio, generator):
+        return torch.ones_like(m1, dtype=torch.bool)
+
+
+class NoReset(MomentReset):
+    """Nothing: the moments carry over the restart."""
+
+    name = "none"
+
+    def mask(self, m1, ratio, generator):
+        return torch.zeros_like(m1, dtype=torch.bool)
+
+
+RESETS: dict[str, MomentReset] = {r.name: r for r in (MagnitudeReset(), RandomReset(), ZeroReset(), NoReset())}
+
+
 @torch.no_grad()
 def prune_adapter_moments(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], mode: str, ratio: float,
                           generator: torch.Generator | None = None) -> float:
@@ -115,21 +233,8 @@ def prune_adapter_moments(optimizer: torch.optim.Optimizer, params: Iterable[Ten
             continue
         m1_key, m2_key = keys
         m1 = _decoded(state, m1_key)
-        if mode == "none":
-            mask = torch.zeros_like(m1, dtype=torch.bool)
-        elif mode == "zero" or ratio >= 1.0:
-            mask = torch.ones_like(m1, dtype=torch.bool)
-        elif mode == "magnitude":
-            k = int(round(ratio * m1.numel()))
-            mask = torch.zeros(m1.numel(), dtype=torch.bool, device=m1.device)
-            if k > 0:
-                mask[torch.topk(m1.abs().view(-1), k, largest=False).indices] = True
-            mask = mask.view(m1.shape)
-        elif mode == "random":
-            u = torch.rand(m1.shape, generator=generator, device="cpu").to(m1.device)
-            mask = u < ratio
-        else:
-            raise ValueError(f"unknown reset mode {mode!r}")
+        reset = RESETS["zero"] if ratio >= 1.0 and mode != "none" else RESETS[mode]
+        mask = reset.mask(m1, ratio, generator)
         _zero_entries(state, m1_key, mask)
         _zero_entries(state, m2_key, mask)
         both_zero = (_decoded(state, m1_key) == 0) & (_decoded(state, m2_key) == 0)

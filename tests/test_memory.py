@@ -9,9 +9,9 @@ import torch
 
 from qrelora.cli import main
 from qrelora.config import load_recipe
-from qrelora.memory import (HOST_CATEGORIES, GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure, optimizer_state_bytes,
+from qrelora.memory import (HOST_CATEGORIES, GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure,
                             parse_bytes)
-from qrelora.optim import build_optimizer
+from qrelora.optim import OPTIMIZERS, build_optimizer
 from qrelora.quant import DenseCodec, EightBitCodec, FourBitCodec
 from qrelora.relora import add_adapters
 
@@ -71,7 +71,7 @@ def test_optimizer_state_bytes_equal_the_real_state(name):
         opt.step()
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
                 for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.ndim > 0}
-    assert optimizer_state_bytes(list(model.parameters()), name) == sum(storages.values())
+    assert OPTIMIZERS[name].state_bytes(list(model.parameters())) == sum(storages.values())
 
 
 def test_tracker_counts_new_storage_once_and_releases_it():
