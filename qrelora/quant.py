@@ -45,10 +45,43 @@ def bnb_functional():
 # Codecs
 
 
+STORAGE_FORMATS: dict[tuple[int, str | None], type[Codec]] = {}
+"""The storage formats a recipe can choose, keyed by (quant.bits, quant.type); type None: any type."""
+
+
+def storage_format(bits: int, quant_type: str | None = None):
+    """Class decorator: make a codec the storage of quant.bits = bits (and quant.type = quant_type)."""
+    def register(cls: type[Codec]) -> type[Codec]:
+        STORAGE_FORMATS[(bits, quant_type)] = cls
+        return cls
+    return register
+
+
+def storage_class(quant) -> type[Codec]:
+    """The codec class that a recipe's [quant] section (bits, type) selects."""
+    return STORAGE_FORMATS.get((quant.bits, quant.type)) or STORAGE_FORMATS[(quant.bits, None)]
+
+
+def make_codec(quant, dense_dtype: torch.dtype = torch.bfloat16) -> Codec:
+    """The codec of a recipe's [quant] section; dense_dtype is the training dtype's 16-bit storage."""
+    return storage_class(quant).for_recipe(quant, dense_dtype)
+
+
 class Codec:
     """Packs a 2-D float matrix into tensors and back. Subclasses define the storage format."""
 
     name = "codec"
+    label = "codec"
+    """How the banner names the storage."""
+    blocksizes: tuple[int, ...] = ()
+    """The quant.blocksize values it supports (none: it has no blocks)."""
+    default_blocksize = 0
+    """What quant.blocksize = 0 means."""
+
+    @classmethod
+    def for_recipe(cls, quant, dense_dtype: torch.dtype) -> Codec:
+        """The codec for a recipe's [quant] section (bits, type, blocksize, double_quant)."""
+        raise NotImplementedError
 
     def quantize(self, w: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -71,10 +104,16 @@ class Codec:
         return int((old[key] != new[key]).sum())
 
 
+@storage_format(16)
 class DenseCodec(Codec):
     """Plain 16-bit (or fp32) storage: the unquantized ReLoRA reference."""
 
     main_key = "weight"
+    label = "16-bit"
+
+    @classmethod
+    def for_recipe(cls, quant, dense_dtype):
+        return cls(dense_dtype)
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -152,10 +191,22 @@ class CodebookCodec(Codec):
         return self.pack_indices(order[pos], packed)
 
 
+@storage_format(4, "nf4")
+@storage_format(4, "fp4")
 class FourBitCodec(CodebookCodec):
     """NF4 / FP4, two codes per byte (high nibble first), optional double quantization of the scales."""
 
     main_key = "packed"
+    blocksizes = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    default_blocksize = 64
+
+    @classmethod
+    def for_recipe(cls, quant, dense_dtype):
+        return cls(quant.type, quant.blocksize or cls.default_blocksize, quant.double_quant)
+
+    @property
+    def label(self) -> str:
+        return self.quant_type.upper()
 
     def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True):
         self.quant_type = quant_type
@@ -222,12 +273,19 @@ class FourBitCodec(CodebookCodec):
         return like | {"packed": ((pairs[:, 0] << 4) | pairs[:, 1]).view(like["packed"].shape)}
 
 
+@storage_format(8)
 class EightBitCodec(CodebookCodec):
     """8-bit blockwise with bitsandbytes' *linear signed* code. The default dynamic code is asymmetric
     (-0.993 .. +1.0) and shrinks weights ~0.7% per requantization (platform.md); the linear one is symmetric."""
 
-    name = "int8"
+    name = label = "int8"
     main_key = "codes"
+    blocksizes = (64, 128, 256, 512, 1024, 2048, 4096)
+    default_blocksize = 256
+
+    @classmethod
+    def for_recipe(cls, quant, dense_dtype):
+        return cls(quant.blocksize or cls.default_blocksize)
 
     def __init__(self, blocksize: int = 256):
         self.blocksize = blocksize
@@ -261,15 +319,6 @@ class EightBitCodec(CodebookCodec):
 
     def pack_indices(self, idx, like):
         return like | {"codes": idx.to(torch.uint8).view(like["codes"].shape)}
-
-
-def make_codec(bits: int, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-               dense_dtype: torch.dtype = torch.bfloat16) -> Codec:
-    if bits == 4:
-        return FourBitCodec(quant_type, blocksize, double_quant)
-    if bits == 8:
-        return EightBitCodec(blocksize)
-    return DenseCodec(dense_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def dense_dtype_for(training_dtype: str) -> torch.dtype:
 
 
 def codec_for(quant: QuantConfig, training_dtype: str = "bf16") -> Codec:
-    return make_codec(quant.bits, quant.type, quant.effective_blocksize, quant.double_quant, dense_dtype_for(training_dtype))
+    return make_codec(quant, dense_dtype_for(training_dtype))
 
 
 def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",

@@ -29,7 +29,7 @@ from .data import TokenData, build_data, load_tokenizer
 from .models import build_model, count_parameters, materialize, resolve_shape
 from .monitor import MetricsFile, PlainLog, Timer, device_description, memory_gib, peak_flops
 from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import ReLoRALinear, add_adapters, adapter_layers, frozen_bytes, merge_and_reinit
+from .relora import ReLoRALinear, add_adapters, adapter_layers, codec_for, frozen_bytes, merge_and_reinit
 from .runlock import RunDirLocked, RunLock
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -596,7 +596,7 @@ class Trainer:
             info["schedule"] = self._extension_text()
         if r.relora.enabled:
             cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
-            storage = {4: r.quant.type.upper(), 8: "int8", 16: "16-bit"}[r.quant.bits]
+            storage = codec_for(r.quant, t.dtype).label
             info["relora"] = (f"rank {r.relora.rank}, {cycles} cycles of {r.relora.restart_every} steps after "
                               f"{r.relora.warm_start_steps} full-rank steps; {storage} base, {r.quant.merge} "
                               f"merge, {r.relora.reset} reset {r.relora.reset_ratio:g}")
