@@ -675,19 +675,13 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
                      categories=bytes_by_role(trainer.unwrapped, trainer.optimizer))
             trainer.phases = _TrackedPhases(m, trainer, tracker)
             tracking = tracker
-        timed_steps, seconds = 0, 0.0
+        timed = []
         with tracking:
-            for step in range(steps):
-                if trainer.relora.switch_due(step):
-                    trainer.switch_to_relora()
-                t0 = time.perf_counter()
-                trainer.train_step(trainer.schedule(step))
-                if step:  # the first step pays for lazy initialisation
-                    timed_steps, seconds = timed_steps + 1, seconds + time.perf_counter() - t0
-                trainer.state.step += 1
-                if trainer.schedule.merges_after(step):
-                    trainer._merge()
-        m.tokens_per_s = timed_steps * r.tokens_per_step / seconds if seconds else 0.0
+            while trainer.state.step < steps:
+                record = trainer.step()
+                if record is not None and trainer.state.step > 1:  # the first step pays for lazy initialisation
+                    timed.append(record.seconds)
+        m.tokens_per_s = len(timed) * r.tokens_per_step / sum(timed) if timed else 0.0
     finally:  # out of memory included: the snapshot shows what filled the card
         if trainer is not None:
             trainer.close()  # frees the run directory's lock

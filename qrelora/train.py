@@ -110,6 +110,15 @@ class RunDirError(Exception):
     """The run directory cannot be used (not writable, not enough free disk); nothing was trained."""
 
 
+@dataclass
+class StepRecord:
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+    """Wall time of the forward, backward and optimizer passes (not the switch or the merge)."""
+
+
 class RunComplete(Exception):
     """The run directory already holds the final checkpoint of this run; nothing was done."""
 
@@ -151,7 +160,7 @@ class Throughput:
 
     def __init__(self, trainer: "Trainer", total_steps: int):
         self.device = trainer.device
-        self.tokens_per_step = trainer.recipe.tokens_per_step * trainer.accelerator.num_processes
+        self.tokens_per_step = trainer.tokens_per_step
         self.flops_per_token = trainer.flops_per_token()
         self.peak = peak_flops(trainer.device)
         self.processes = trainer.accelerator.num_processes
@@ -175,7 +184,8 @@ class Throughput:
 
 def no_phases(name: str) -> contextlib.AbstractContextManager:
     """The trainer marks the parts of a step (forward, backward, optimizer step, merge) with
-    `self.phases(name)`; the memory profiler replaces this no-op to measure each part."""
+    `self.phases(name)`, a hook for instrumentation: the memory profiler sets its own to measure each
+    part; this default does nothing."""
     return contextlib.nullcontext()
 
 
@@ -219,6 +229,7 @@ class Trainer:
 
     def _build(self, recipe: Recipe, resume_from: Path | None) -> None:
         t = recipe.training
+        self.tokens_per_step = recipe.tokens_per_step * self.accelerator.num_processes
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.data: TokenData = build_data(recipe.data, self.tokenizer, t.seed)
         self.eval_batches = self.data.eval_batches(t.micro_batch_size)
@@ -512,22 +523,11 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.state.step < t.steps:
-                    step = self.state.step
-                    if self.relora.switch_due(step):
-                        self.switch_to_relora()
-                    lr = self.schedule(step)
-                    loss, grad_norm = self.train_step(lr)
-                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                        self._skip_bad_step(loss, grad_norm)
+                    record = self.step()
+                    if record is None:
                         continue
-                    self.bad_steps_in_a_row = 0
-                    self.state.step += 1
-                    self.state.tokens += self.throughput.tokens_per_step
-                    self.log.advance(self.state.step)
-                    if self.schedule.merges_after(step):
-                        self._merge()
                     if self.state.step % t.log_every == 0 or self.state.step == t.steps:
-                        self._log_step(loss, lr, grad_norm)
+                        self._log_step(record)
                     if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
                         eval_loss = self._eval_and_log()
                     if stop.signal_name:
@@ -548,7 +548,30 @@ class Trainer:
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
 
-    def _merge(self) -> None:
+    def step(self) -> StepRecord | None:
+        """One optimizer step of the run: the switch to ReLoRA when it is due, the step at the schedule's
+        learning rate, and the merge when the step ends a cycle. None when the step was skipped (a
+        non-finite loss or gradient)."""
+        step = self.state.step
+        if self.relora.switch_due(step):
+            self.switch_to_relora()
+        lr = self.schedule(step)
+        t0 = time.perf_counter()
+        loss, grad_norm = self.train_step(lr)
+        seconds = time.perf_counter() - t0
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._skip_bad_step(loss, grad_norm)
+            return None
+        self.bad_steps_in_a_row = 0
+        self.state.step += 1
+        self.state.tokens += self.tokens_per_step
+        self.log.advance(self.state.step)
+        if self.schedule.merges_after(step):
+            self.merge()
+        return StepRecord(loss=loss, lr=lr, grad_norm=grad_norm, seconds=seconds)
+
+    def merge(self) -> None:
+        """Merge every adapter into its base, reset the adapters and their moments; log the merge."""
         self.state.merges += 1
         with self.phases("merge"):
             r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
@@ -558,8 +581,8 @@ class Trainer:
                        f"moments zeroed {r['moments_zeroed']:.2%}, effective rank of the update so far "
                        f"{ranks} (sampled layers, 90% energy)")
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float) -> None:
-        r = {"loss": loss, "lr": lr, "grad_norm": grad_norm} | self.throughput.window(self.state.step)
+    def _log_step(self, step: StepRecord) -> None:
+        r = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm} | self.throughput.window(self.state.step)
         self._record(r)
         total = self.recipe.training.steps
         self.log.step({"step": self.state.step} | r, total, self.throughput.eta_s(self.state.step),
