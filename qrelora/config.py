@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import BadInput
 
-class RecipeError(Exception):
+
+class RecipeError(BadInput):
     """A recipe or override that cannot be used; the message lists every problem found."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -81,7 +83,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1
     """The cosine envelope ends at min_lr_ratio * lr."""
     warmup_steps: int = 100
-    """Linear warm-up from zero at the start of the run."""
+    """Linear warm-up from zero at the start of the run: steps, or a fraction of steps (e.g. 0.05)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     seed: int = 0
@@ -111,11 +113,12 @@ class ReLoRAConfig:
     dropout: float = 0.1
     """Dropout on the adapter input only."""
     restart_every: int = 1000
-    """Optimizer steps between merges."""
+    """Optimizer steps between merges, or a fraction of training.steps (e.g. 0.1)."""
     restart_warmup: int = 50
     """Linear learning-rate re-warm-up after each restart."""
     warm_start_steps: int = 0
-    """Full-rank steps before switching to ReLoRA."""
+    """Full-rank steps before switching to ReLoRA, or a fraction of training.steps (e.g. 0.33: rounded so the
+    ReLoRA phase is a whole number of cycles)."""
     reset: Literal["magnitude", "random", "zero", "none"] = "magnitude"
     """How the adapters' Adam moments are pruned at each restart."""
     reset_ratio: float = 0.99
@@ -178,6 +181,9 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     source: str = field(default="<defaults>", compare=False)
     """Where the recipe came from (for messages); not a TOML section."""
+    fractions: dict[str, float] = field(default_factory=dict, compare=False)
+    """"section.key" -> the fraction of training.steps a step count was given as (resolved by load_recipe);
+    not a TOML section."""
 
     @property
     def run_dir(self) -> Path:
@@ -189,7 +195,13 @@ class Recipe:
         return t.micro_batch_size * t.grad_accum * self.data.seq_len
 
 
-SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Recipe)[f.name] for f in dataclasses.fields(Recipe) if f.name != "source"}
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Recipe)[f.name] for f in dataclasses.fields(Recipe)
+                             if f.name not in ("source", "fractions")}
+
+# Step counts that may also be given as a fraction of training.steps (a float in (0, 1)), so that a recipe
+# can be shortened with --training.steps alone. load_recipe resolves them to whole steps: everything after
+# it (trainer, checkpoints, the run's config.toml) sees integers, the same ones for the same recipe.
+FRACTION_KEYS = ("training.warmup_steps", "relora.restart_every", "relora.warm_start_steps")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +264,13 @@ def _apply(recipe: Recipe, tree: dict, where: str, problems: list[str]) -> None:
                 problems.append(f"{where}: [{section}] unknown key {key!r}{_did_you_mean(key, list(hints))}; "
                                 f"keys are {', '.join(hints)}")
                 continue
+            if f"{section}.{key}" in FRACTION_KEYS and (isinstance(value, bool) or not isinstance(value, int)):
+                if isinstance(value, float) and 0 < value < 1:
+                    setattr(obj, key, value)  # resolved to whole steps by _resolve_fractions
+                else:
+                    problems.append(f"{where}: [{section}] {key} = {value!r} must be a whole number of steps or a "
+                                    f"fraction of training.steps between 0 and 1 (e.g. {key} = 0.25)")
+                continue
             converted, expected = _coerce(value, hints[key])
             if expected:
                 problems.append(f"{where}: [{section}] {key} = {value!r} must be {expected}")
@@ -277,6 +296,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a TOML recipe, apply overrides, validate; raise RecipeError listing every problem."""
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        found = sorted(str(f) for f in path.glob("*.toml"))
+        listed = ", ".join(found[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+        raise RecipeError(source, [f"{path} is a directory, not a recipe file; give one of the recipe files in it: "
+                                   f"{listed}" if found else f"{path} is a directory with no .toml recipe files in "
+                                   "it; give a recipe file (shipped recipes are in recipes/)"])
     if not path.is_file():
         raise RecipeError(source, [f"recipe file not found: {path} (check the path; shipped recipes are in recipes/)"])
     try:
@@ -299,10 +324,43 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe.run.name = path.stem
     if not recipe.run.output_dir:
         recipe.run.output_dir = str(Path("runs") / recipe.run.name)
+    _resolve_fractions(recipe)
     problems += validate(recipe)
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _resolve_fractions(r: Recipe) -> None:
+    """Turn the FRACTION_KEYS given as fractions of training.steps into whole steps, in place.
+
+    warmup_steps and restart_every become round(fraction * steps) (restart_every at least 1). A fractional
+    warm_start_steps is placed so that the ReLoRA phase after it is a whole number of cycles: the number
+    nearest to (1 - fraction) * steps / restart_every, at least one. The result depends on the recipe
+    alone, so resuming a run resolves to the integers its checkpoints recorded."""
+    steps = max(r.training.steps, 1)
+    r.fractions = {}
+    for dotted in FRACTION_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(r, section), key)
+        if isinstance(value, float):
+            r.fractions[dotted] = value
+    t, rl, f = r.training, r.relora, r.fractions
+    if "training.warmup_steps" in f:
+        t.warmup_steps = _round_half_up(f["training.warmup_steps"] * steps)
+    if "relora.restart_every" in f:
+        rl.restart_every = max(1, _round_half_up(f["relora.restart_every"] * steps))
+    if "relora.warm_start_steps" in f:
+        fraction = f["relora.warm_start_steps"]
+        rl.warm_start_steps = _round_half_up(fraction * steps)
+        if isinstance(rl.restart_every, int) and rl.restart_every >= 1:
+            cycles = max(1, _round_half_up((1 - fraction) * steps / rl.restart_every))
+            if cycles * rl.restart_every <= steps:
+                rl.warm_start_steps = steps - cycles * rl.restart_every
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,15 +373,13 @@ def validate(r: Recipe) -> list[str]:
 
     def need(cond: bool, section: str, key: str, msg: str) -> None:
         if not cond:
-            p.append(f"[{section}] {key} = {getattr(getattr(r, section), key)!r}: {msg}")
+            p.append(f"[{section}] {key} = {_shown(r, section, key)}: {msg}")
 
     m, d, t, rl, q, o, c = r.model, r.data, r.training, r.relora, r.quant, r.optim, r.checkpoint
     for key in ("hidden_size", "num_layers", "num_heads", "mlp_size"):
         need(getattr(m, key) >= 0, "model", key, "must be >= 0 (0 keeps the preset's value)")
         if m.preset == "custom":
             need(getattr(m, key) > 0, "model", key, 'must be set (> 0) when preset = "custom"')
-    if m.hidden_size > 0 and m.num_heads > 0:
-        need(m.hidden_size % m.num_heads == 0, "model", "hidden_size", f"must be divisible by num_heads ({m.num_heads})")
     if m.init_from:
         need(Path(m.init_from).is_dir(), "model", "init_from", "is not a directory (a Hugging Face model directory)")
 
@@ -352,18 +408,20 @@ def validate(r: Recipe) -> list[str]:
         need(rl.alpha > 0, "relora", "alpha", "must be > 0")
         need(0 <= rl.dropout < 1, "relora", "dropout", "must be in [0, 1)")
         need(0 <= rl.warm_start_steps < t.steps, "relora", "warm_start_steps",
-             f"must be in [0, training.steps) (steps = {t.steps}); the ReLoRA phase needs at least one step")
+             f"must be in [0, training.steps) (steps = {t.steps}); the ReLoRA phase needs at least one step. Set "
+             f"it below {t.steps}, or as a fraction of training.steps (e.g. warm_start_steps = 0.33)")
         need(rl.restart_every >= 1, "relora", "restart_every", "must be >= 1")
         need(0 <= rl.restart_warmup < max(rl.restart_every, 1), "relora", "restart_warmup",
-             f"must be shorter than a cycle (restart_every = {rl.restart_every})")
+             f"must be shorter than a cycle, restart_every = {_shown(r, 'relora', 'restart_every')}; set "
+             f"--relora.restart_warmup={max(rl.restart_every, 1) // 10}, or make the cycles longer")
         relora_steps = t.steps - rl.warm_start_steps
         if rl.restart_every >= 1 and relora_steps > 0 and relora_steps % rl.restart_every:
-            need(False, "relora", "restart_every",
-                 f"must divide the ReLoRA phase (training.steps - relora.warm_start_steps = {relora_steps}) so "
-                 "every cycle is whole")
+            need(False, "relora", "restart_every", _whole_cycles_fix(r, relora_steps))
         if rl.warm_start_steps == 0:
             need(t.warmup_steps < rl.restart_every, "training", "warmup_steps",
-                 f"must be shorter than the first cycle (relora.restart_every = {rl.restart_every})")
+                 f"must be shorter than the first cycle, relora.restart_every = "
+                 f"{_shown(r, 'relora', 'restart_every')}, when ReLoRA starts at step 0; set it below "
+                 f"{rl.restart_every} (e.g. --training.warmup_steps={rl.restart_every // 2})")
         need(0 <= rl.reset_ratio <= 1, "relora", "reset_ratio", "must be in [0, 1]")
     if q.bits == 4 and q.blocksize:
         need(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant", "blocksize",
@@ -385,7 +443,115 @@ def validate(r: Recipe) -> list[str]:
     need(c.keep_last >= 1, "checkpoint", "keep_last", "must be >= 1")
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), "checkpoint", "resume", 'must be "auto", "never" or an existing checkpoint path')
+    return p + _shape_problems(r)
+
+
+def _shape_problems(r: Recipe) -> list[str]:
+    """Problems that depend on the model's real dimensions: the preset with the recipe's overrides, or the
+    config.json of model.init_from. Found here they cost nothing; found by the trainer they cost the warm
+    start (an adapter rank above the layers' size used to end, after it, in an out-of-memory kill)."""
+    from .models import model_dims
+
+    m, d, rl = r.model, r.data, r.relora
+    sizes = ("hidden_size", "num_layers", "num_heads", "mlp_size")
+    if any(getattr(m, k) < 0 for k in sizes) or (m.preset == "custom" and not all(getattr(m, k) > 0 for k in sizes)):
+        return []  # reported by validate
+    if m.init_from and not Path(m.init_from).expanduser().is_dir():
+        return []  # reported by validate
+    try:
+        dims = model_dims(m)
+    except ValueError as e:
+        return [f"[model] init_from = {m.init_from!r}: {e}"]
+    p: list[str] = []
+    origin = "init_from's config.json" if m.init_from else _shape_origin(m)
+
+    if m.init_from:
+        in_file = {"hidden_size": ("hidden_size", dims.hidden_size),
+                   "num_layers": ("num_hidden_layers", dims.num_layers),
+                   "num_heads": ("num_attention_heads", dims.num_heads),
+                   "mlp_size": ("intermediate_size", dims.mlp_size)}
+        for key, (json_key, value) in in_file.items():
+            if getattr(m, key) > 0 and getattr(m, key) != value:
+                p.append(f"[model] {key} = {getattr(m, key)}: the model comes from init_from = {m.init_from!r}, whose "
+                         f"config.json has {json_key} = {value}; remove {key} from the recipe (an init_from model "
+                         "keeps its own sizes)")
+        if dims.max_positions and d.seq_len > dims.max_positions:
+            p.append(f"[data] seq_len = {d.seq_len}: the model in init_from = {m.init_from!r} was built for at most "
+                     f"{dims.max_positions} positions (max_position_embeddings in its config.json); set "
+                     f"--data.seq_len={dims.max_positions} or lower")
+    else:
+        h, n = dims.hidden_size, dims.num_heads
+        if h % n or (h // n) % 2:
+            # Rotary position embeddings rotate pairs of dimensions, so a head needs an even size.
+            why = (f"must split hidden_size = {h} into equal attention heads of an even size (rotary position "
+                   f"embeddings rotate pairs of dimensions), but with {origin} a head would have {h / n:.4g} "
+                   "dimensions")
+            if m.num_heads > 0 or m.hidden_size == 0:
+                options = [k for k in range(1, h + 1) if h % k == 0 and (h // k) % 2 == 0]
+                near = sorted(options, key=lambda k: (abs(k - n), k))[:2]
+                p.append(f"[model] num_heads = {n}: {why}. Set num_heads = {' or '.join(map(str, sorted(near)))}")
+            else:
+                step = 2 * n
+                near = sorted({max(step, h // step * step), -(-h // step) * step})
+                p.append(f"[model] hidden_size = {h}: {why}. Set hidden_size to a multiple of {step} (2 x num_heads "
+                         f"= {n}), e.g. {' or '.join(map(str, near))}")
+            return p  # the layer sizes below would be wrong
+
+    if rl.enabled and rl.rank >= 1:
+        layers = dims.adapted_layers()
+        limit = min(min(io) for io in layers.values())
+        if rl.rank > limit:
+            groups: dict[tuple[int, int], list[str]] = {}
+            for name, io in layers.items():
+                groups.setdefault(tuple(sorted(io)), []).append(name.removesuffix("_proj"))
+            shapes = ", ".join(f"{'/'.join(names)}_proj {a} x {b}" for (a, b), names in groups.items())
+            per_rank = dims.num_layers * sum(i + o for i, o in layers.values())
+            p.append(f"[relora] rank = {rl.rank}: must be at most {limit}, the smaller side of the narrowest adapted "
+                     f"layers ({shapes}, from {origin}). An update B @ A of a layer cannot have a rank above its "
+                     f"smaller side, so a larger rank only adds memory: rank {rl.rank} would train "
+                     f"{rl.rank * per_rank / 1e6:,.0f}M adapter parameters. Set --relora.rank={limit} or lower (the "
+                     "shipped recipes use 32 to 128)")
     return p
+
+
+def _shape_origin(m: ModelConfig) -> str:
+    """Where a fresh model's sizes come from, for messages."""
+    own = [k for k in ("hidden_size", "num_layers", "num_heads", "mlp_size") if getattr(m, k) > 0]
+    if m.preset == "custom":
+        return "the recipe's [model] sizes"
+    if own:
+        return f'the "{m.preset}" preset and {" and ".join(own)} from the recipe'
+    return f'the "{m.preset}" preset'
+
+
+def _shown(r: Recipe, section: str, key: str) -> str:
+    """A key's value for a message; a step count resolved from a fraction says so."""
+    value = getattr(getattr(r, section), key)
+    fraction = r.fractions.get(f"{section}.{key}")
+    if fraction is None:
+        return repr(value)
+    return f"{value!r} ({fraction:g} of training.steps = {r.training.steps})"
+
+
+def _whole_cycles_fix(r: Recipe, relora_steps: int) -> str:
+    """Why restart_every must divide the ReLoRA phase, and the nearest settings that make it whole."""
+    t, rl = r.training, r.relora
+    every = rl.restart_every
+    small = [k for k in range(1, math.isqrt(relora_steps) + 1) if relora_steps % k == 0]
+    divisors = sorted(k for k in {*small, *(relora_steps // k for k in small)} if k > rl.restart_warmup)
+    below = [k for k in divisors if k < every]
+    above = [k for k in divisors if k > every]
+    options = " or ".join(str(k) for k in ([below[-1]] if below else []) + ([above[0]] if above else []))
+    cycles = relora_steps // every
+    totals = sorted({rl.warm_start_steps + k * every for k in (max(cycles, 1), cycles + 1)})
+    fix = (f"must divide the ReLoRA phase (training.steps - relora.warm_start_steps = {t.steps} - "
+           f"{rl.warm_start_steps} = {relora_steps}) so that every cycle is whole. Set "
+           + (f"restart_every = {options}, or " if options else "")
+           + f"training.steps = {' or '.join(map(str, totals))}")
+    if rl.warm_start_steps and "relora.warm_start_steps" not in r.fractions:
+        fix += (f", or give warm_start_steps as a fraction of training.steps (e.g. "
+                f"{rl.warm_start_steps / t.steps:.2g}) and it is rounded to whole cycles")
+    return fix
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -403,7 +569,10 @@ def to_toml(r: Recipe) -> str:
     for section in SECTIONS:
         out.append(f"\n[{section}]")
         for f in dataclasses.fields(getattr(r, section)):
-            out.append(f"{f.name} = {_toml_value(getattr(getattr(r, section), f.name))}")
+            line = f"{f.name} = {_toml_value(getattr(getattr(r, section), f.name))}"
+            if f"{section}.{f.name}" in r.fractions:
+                line += f"  # {r.fractions[f'{section}.{f.name}']:g} of training.steps in the recipe"
+            out.append(line)
     return "\n".join(out) + "\n"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,6 +41,57 @@ def resolve_shape(cfg: ModelConfig) -> Shape:
         num_heads=cfg.num_heads or base.num_heads,
         mlp_size=cfg.mlp_size or base.mlp_size,
     )
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a recipe has to respect: of the adapted linears, and what an init_from model was built for."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_size: int
+    vocab_size: int | None = None
+    """init_from only (a fresh model takes the tokenizer's size)."""
+    max_positions: int | None = None
+    """init_from only (a fresh model's rotary positions are sized for data.seq_len)."""
+
+    def adapted_layers(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each adapted linear of a decoder block (relora.TARGET_MODULES)."""
+        h, f = self.hidden_size, self.mlp_size
+        attn, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, attn), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (attn, h),
+                "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def model_dims(cfg: ModelConfig) -> ModelDims:
+    """The dimensions build_model will give the model: the preset with the recipe's overrides, or the
+    config.json of cfg.init_from (read as JSON, without loading any weights). Raises ValueError, naming the
+    file, when an init_from directory has no usable config.json."""
+    if not cfg.init_from:
+        s = resolve_shape(cfg)
+        return ModelDims(s.hidden_size, s.num_layers, s.num_heads, s.num_heads, s.hidden_size // max(s.num_heads, 1),
+                         s.mlp_size)
+    path = Path(cfg.init_from).expanduser() / "config.json"
+    try:
+        c = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; init_from must be a Hugging Face model directory (the one "
+                         "save_pretrained writes, with config.json and the weights)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} could not be read as JSON ({e})") from None
+    sizes = ("hidden_size", "intermediate_size", "num_attention_heads")
+    missing = [k for k in sizes if not (isinstance(c.get(k), int) and c[k] > 0)]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: init_from must be a LLaMA-style decoder (q/k/v/o "
+                         "and gate/up/down projections), e.g. one written by qrelora export")
+    heads = c["num_attention_heads"]
+    return ModelDims(hidden_size=c["hidden_size"], num_layers=c.get("num_hidden_layers") or 0, num_heads=heads,
+                     num_kv_heads=c.get("num_key_value_heads") or heads,
+                     head_dim=c.get("head_dim") or c["hidden_size"] // heads, mlp_size=c["intermediate_size"],
+                     vocab_size=c.get("vocab_size"), max_positions=c.get("max_position_embeddings"))
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | None = None, eos_id: int | None = None):
