@@ -7,11 +7,30 @@ import argparse
 import os
 import sys
 
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from .errors import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, QreloraError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the problem and where help is, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}. See {self.prog} --help.\n")
+
+
+def _vocab_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a vocabulary size; give the tokenizer's number of entries, "
+                                         "e.g. --vocab-size 32000, or leave the option out to read it from the "
+                                         "recipe's tokenizer")
+    return n
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qrelora", description="ReLoRA pre-training on 4-bit / 8-bit quantized weights.")
+    p = _Parser(prog="qrelora", description="ReLoRA pre-training on 4-bit / 8-bit quantized weights.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train a model from a TOML recipe",
                        description="Train from a recipe. Override any key with --section.key=value, "
@@ -29,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--budget", default="24GiB", help="device memory to fit, e.g. 24GiB, 16GB, 12000MiB (default 24GiB)")
     m.add_argument("--measure", type=int, default=0, metavar="STEPS",
                    help="also run STEPS real training steps (one merge included) and report measured peaks")
-    m.add_argument("--vocab-size", type=int, default=0, metavar="N",
+    m.add_argument("--vocab-size", type=_vocab_size, default=0, metavar="N",
                    help="vocabulary size, when the recipe's tokenizer is not available offline (default: read it)")
     m.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     e = sub.add_parser("eval", help="loss and perplexity of a checkpoint or model directory on held-out data")
@@ -44,10 +63,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`--section.key=value` arguments are recipe overrides; everything else goes to argparse."""
+    """`--section.key=value` arguments are recipe overrides; everything else goes to argparse. The spelling
+    `--section.key value` is refused with the fix, exit 2 (argparse would only see a stray `value`)."""
     overrides, rest = [], []
-    for arg in argv:
+    for i, arg in enumerate(argv):
         name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if "." in name and "=" not in arg and i + 1 < len(argv):
+            value = argv[i + 1]
+            if not value.startswith("--") and not value.endswith(".toml"):  # a recipe there: the value is missing
+                print(f"error: {arg} {value}: a recipe override is one argument, joined by '='; write "
+                      f"{arg}={value}", file=sys.stderr)
+                raise SystemExit(EXIT_BAD_INPUT)
         (overrides if "." in name else rest).append(arg)
     return overrides, rest
 
@@ -67,11 +93,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from .config import load_recipe
-    from .memory import out_of_memory_report
+    from .memory import out_of_memory_report, preflight
     from .monitor import make_log
     from .train import train
 
     recipe = load_recipe(args.recipe, overrides)
+    refusal = preflight(recipe, args.recipe, overrides)  # tokenizer vs init_from, memory estimate vs machine
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         train(recipe, make_log(args.no_live), args.extend_to)
     except torch.OutOfMemoryError as e:
@@ -171,11 +201,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_BAD_INPUT
     _quiet_dependencies()
-    from .checkpoint import CheckpointError
-    from .config import RecipeError
-    from .data import DataError
-    from .runlock import RunDirLocked
-    from .train import RunComplete, RunDirError, TrainingDiverged, TrainingInterrupted
+    from .rundir import RunComplete
+    from .train import TrainingInterrupted
 
     try:
         if args.command == "train":
@@ -185,17 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return cmd_eval(args)
         return cmd_memory(args, overrides)
-    except RunComplete as e:
+    except RunComplete as e:  # not an error: the run is done
         print(e)
-        return EXIT_OK
-    except (RecipeError, DataError, CheckpointError, RunDirError, RunDirLocked) as e:
+        return e.exit_code
+    except TrainingInterrupted as e:  # the run has said where it stopped
+        return e.exit_code
+    except QreloraError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except TrainingInterrupted:
-        return EXIT_INTERRUPTED
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted at once (second Ctrl-C); the last periodic checkpoint is intact", file=sys.stderr)
         return EXIT_INTERRUPTED

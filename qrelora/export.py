@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -12,7 +13,7 @@ from torch import nn
 
 from . import checkpoint
 from . import config as cfgmod
-from .data import build_data, load_tokenizer
+from .data import DataError, build_data, is_local, load_tokenizer
 from .models import build_model
 from .relora import ReLoRALinear, add_adapters
 
@@ -21,9 +22,42 @@ EXPORT_RECIPE = "qrelora.toml"  # the recipe travels with an export so `qrelora 
 
 def _recipe_from(path: Path, data: str | None) -> cfgmod.Recipe:
     overrides = ["--checkpoint.resume=never", "--quant.master=memory"]
-    if data:
+    if data is not None:
+        _check_data_option(data)
         overrides.append(f"--data.dataset={data}")
     return cfgmod.load_recipe(path, overrides)
+
+
+def _check_data_option(data: str) -> None:
+    """A bad --data is the user's to fix, not the checkpoint's recipe (which the recipe check would blame)."""
+    if not data.strip() or (is_local(data) and not Path(data).expanduser().exists()):
+        raise DataError(f"--data {data!r}: no such file or directory. Give an existing .txt/.jsonl/.json/.parquet "
+                        "file or a directory of them, a Hugging Face hub dataset name, or \"sample\".")
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws progress bars on stderr while it writes or loads even a small model ("Writing model
+    shards", "Loading weights"); these commands report their result in one line."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _apply_umask(directory: Path) -> None:
+    """safetensors creates its files with mode 600 whatever the umask; give every file the mode open() gives
+    (666 less the umask), like the config and tokenizer files beside it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
 
 
 def load_checkpoint_model(path: Path, data: str | None = None):
@@ -72,9 +106,11 @@ def export(checkpoint_path: Path, out_dir: Path, dtype: str = "bf16") -> Path:
     model.to(torch_dtype)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _no_progress_bars():
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / EXPORT_RECIPE).write_text(cfgmod.to_toml(recipe), encoding="utf-8")
+    _apply_umask(tmp)
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(tmp, out_dir)
@@ -93,7 +129,8 @@ def evaluate(path: Path, data: str | None = None, device: str = "auto") -> dict:
 
         recipe = _recipe_from(path / EXPORT_RECIPE, data)
         tokenizer = load_tokenizer(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path))
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(str(path))
         autocast = False  # computes in the dtype it was exported in
     else:
         raise checkpoint.CheckpointError(f"{path} is neither a checkpoint (trainer.json, model.safetensors, ...) nor "
@@ -101,7 +138,13 @@ def evaluate(path: Path, data: str | None = None, device: str = "auto") -> dict:
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model.to(dev).eval()
-    batches = build_data(recipe.data, tokenizer, recipe.training.seed).eval_batches(recipe.training.micro_batch_size)
+    try:
+        held_out = build_data(recipe.data, tokenizer, recipe.training.seed, eval_only=True)
+    except DataError as e:
+        if data is None:
+            raise
+        raise DataError(str(e).replace(f"data.dataset = {data!r}", f"--data {data!r}")) from None  # what was typed
+    batches = held_out.eval_batches(recipe.training.micro_batch_size)
     losses = []
     for batch in batches:
         batch = batch.to(dev)

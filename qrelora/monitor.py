@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from importlib.metadata import version
 from typing import Any, TextIO
 
 import torch
+
+from .models import count_parameters, resolve_shape
+from .optim import resolve_optimizer_name
+from .relora import codec_for, frozen_bytes
 
 
 class MetricsFile:
@@ -46,6 +52,52 @@ class MetricsFile:
             self._tb.close()
 
 
+def run_info(trainer) -> dict[str, str]:
+    """What the start-up banner shows about a Trainer's run."""
+    r, t, world = trainer.recipe, trainer.recipe.training, trainer.accelerator.num_processes
+    shape = resolve_shape(r.model)
+    info = {
+        "run": f"{r.run.name} -> {trainer.run_dir}",
+        "device": device_description(trainer.device) + (f" x {world} processes" if world > 1 else ""),
+        "versions": ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "bitsandbytes", "accelerate")),
+        "precision": f"{t.dtype} autocast, fp32 trainable weights",
+        "model": f"LLaMA, hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads, "
+                 f"MLP {shape.mlp_size}, vocabulary {len(trainer.tokenizer):,}",
+        "parameters": parameter_summary(trainer.unwrapped),
+        "batch": f"{t.micro_batch_size} x {r.data.seq_len} tokens x {t.grad_accum} accumulation"
+                 f"{f' x {world} processes' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens/step; "
+                 f"{t.steps:,} steps = {trainer.tokens_per_step * t.steps / 1e6:,.1f}M tokens",
+        "optimizer": resolve_optimizer_name(r.optim, trainer.device.type),
+    }
+    if trainer.schedule.previous is not None:
+        info["schedule"] = trainer.schedule.describe_extension()
+    if r.relora.enabled:
+        cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
+        info["relora"] = (f"rank {r.relora.rank}, {cycles} cycles of {r.relora.restart_every} steps after "
+                          f"{r.relora.warm_start_steps} full-rank steps; {codec_for(r.quant, t.dtype).label} base, "
+                          f"{r.quant.merge} merge, {r.relora.reset} reset {r.relora.reset_ratio:g}")
+    else:
+        info["relora"] = "off (full-rank training)"
+    return info
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    total, trainable = count_parameters(model)
+    frozen, frozen_n = frozen_bytes(model)
+    text = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable"
+    if frozen_n:
+        text += f", {frozen_n / 1e6:.2f}M frozen in {frozen / 2**20:.1f} MiB ({frozen / frozen_n:.3f} B/param)"
+    return text
+
+
+def effective_rank(update: torch.Tensor, energy: float = 0.9) -> int:
+    """Singular values needed to hold `energy` of the update's squared Frobenius norm."""
+    s2 = torch.linalg.svdvals(update.float()).square()
+    if s2.sum() == 0:
+        return 0
+    return int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
+
+
 def memory_gib(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the process's resident memory on CPU, in GiB."""
     if device.type == "cuda":
@@ -53,6 +105,11 @@ def memory_gib(device: torch.device) -> float:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def hms(seconds: float) -> str:
+    """h:mm:ss, as rich's elapsed column writes it."""
+    return str(datetime.timedelta(seconds=max(0, round(seconds)))) if math.isfinite(seconds) else "-:--:--"
 
 
 def format_duration(seconds: float) -> str:
@@ -128,17 +185,21 @@ class RichLog(PlainLog):
     """The terminal display: a banner, then a live progress bar with one status row; events and evals
     scroll above it."""
 
-    def __init__(self, console=None, enabled: bool = True):
+    def __init__(self, console=None, enabled: bool = True, clock=time.monotonic):
         from rich.console import Console
 
         super().__init__(enabled=enabled)
         self.console = console or Console()
+        self.clock = clock  # seconds; the elapsed and ETA columns read it (tests pass a fake one)
         self.live = None
+        self.progress = None
         self.smoothed_loss: float | None = None
         self.last_eval = "-"
         self.panel = None
         self.recent: collections.deque[str] = collections.deque(maxlen=12)
         self.row = None
+        self.total_steps = 0
+        self.rate_origin: tuple[int, float] | None = None  # (step, time) the ETA's rate is measured from
 
     def line(self, text: str) -> None:
         if self.enabled:
@@ -150,7 +211,8 @@ class RichLog(PlainLog):
         from rich.console import Group
         from rich.text import Text
 
-        return Group(self.panel, *(Text(t) for t in self.recent), self.progress, self.row)
+        parts = (self.panel, *(Text(t) for t in self.recent), self.progress, self.row)
+        return Group(*(part for part in parts if part is not None))
 
     def banner(self, info: dict[str, str]) -> None:
         from rich.panel import Panel
@@ -167,17 +229,40 @@ class RichLog(PlainLog):
         self.panel = Panel(table, title=f"qrelora {title}", expand=False)
         self.console.print(self.panel)
 
-    def _start(self, total_steps: int) -> None:
+    def start(self, total_steps: int, first_step: int) -> None:
+        """Show the bar at once (a fresh run evaluates the initial model first, which takes a while on a
+        large one), with the elapsed clock running from here. Steps resumed from a checkpoint are shown as
+        done but are not counted as done in this session, so they do not inflate the ETA's rate."""
         from rich.live import Live
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, \
+            TimeElapsedColumn
 
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 console=self.console)
-        self.task = self.progress.add_task("train", total=total_steps)
+        if not self.enabled or self.live is not None:
+            return
+        self.total_steps = total_steps
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"),
+                                 console=self.console, get_time=self.clock)
+        self.task = self.progress.add_task("evaluating" if first_step == 0 else "train", total=total_steps,
+                                           completed=first_step, eta="-:--:--")
         self.live = Live(self.progress, console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
+
+    def advance(self, step: int) -> None:
+        """Move the bar after every optimizer step. The ETA's rate counts from the end of this session's
+        first step, so neither the first evaluation nor the first step's start-up costs (allocator and
+        kernel warm-up) enter it; later evals, merges and checkpoints do, as they will recur."""
+        if self.live is None:
+            return
+        now = self.clock()
+        if self.rate_origin is None or step <= self.rate_origin[0]:
+            self.rate_origin = (step, now)
+        origin_step, origin_time = self.rate_origin
+        eta = "-:--:--"
+        if step > origin_step and now > origin_time:
+            eta = hms((self.total_steps - step) * (now - origin_time) / (step - origin_step))
+        self.progress.update(self.task, completed=step, eta=eta,
+                             description="train" if step < self.total_steps else "final eval")
 
     def status_table(self, r: dict[str, Any], status: str):
         from rich.table import Table
@@ -199,19 +284,24 @@ class RichLog(PlainLog):
         if not self.enabled:
             return
         if self.live is None:
-            self._start(total_steps)
+            self.start(total_steps, r["step"])
         loss = r["loss"]
         self.smoothed_loss = loss if self.smoothed_loss is None else 0.6 * self.smoothed_loss + 0.4 * loss
-        self.progress.update(self.task, completed=r["step"])
         self.row = self.status_table(r, status)
         self.live.update(Group(self.progress, self.row))
 
     def eval(self, r: dict[str, Any]) -> None:
         self.last_eval = f"{r['eval_loss']:.4f} / {r['eval_ppl']:.1f}"
+        if self.live is not None and r["step"] < self.total_steps:
+            self.progress.update(self.task, description="train")
         super().eval(r)
 
     def close(self) -> None:
         if self.live is not None:
+            finished = self.progress.tasks[0].completed >= self.total_steps
+            # The last frame stays on the terminal: it must not promise an ETA for a stopped run.
+            self.progress.update(self.task, **({"description": "done"} if finished else
+                                               {"description": "stopped", "eta": "-:--:--"}))
             self.live.stop()
             self.live = None
 

@@ -79,6 +79,48 @@ def test_missing_recipe_file_exits_2(tmp_path, capsys):
     assert "recipe file not found" in capsys.readouterr().err
 
 
+def test_a_directory_as_the_recipe_lists_the_recipes_in_it(tmp_path, capsys):
+    assert main(["train", str(ROOT / "recipes")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory, not a recipe file" in err and "not found" not in err
+    assert all(str(ROOT / "recipes" / p.name) in err for p in RECIPES)
+    assert main(["memory", str(tmp_path)]) == 2  # nothing to suggest
+    assert "is a directory with no .toml recipe files in it" in capsys.readouterr().err
+
+
+def exit_code(argv: list[str]) -> int:
+    """main()'s exit code, also where argparse exits by raising SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_an_override_written_with_a_space_gets_the_spelling_to_use(capsys):
+    tiny = str(ROOT / "recipes" / "tiny.toml")
+    for argv in (["train", tiny, "--training.steps", "10"], ["train", "--training.steps", "10", tiny]):
+        assert exit_code(argv) == 2
+        err = capsys.readouterr().err
+        assert "write --training.steps=10" in err and "usage:" not in err, err
+    # A key with nothing after it (or the recipe after it) is not mistaken for that spelling.
+    assert exit_code(["train", "--relora.enabled", tiny]) == 2
+    assert "must look like --section.key=value" in capsys.readouterr().err
+
+
+def test_argument_errors_are_one_line_with_where_help_is(capsys):
+    assert exit_code(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: qrelora train: the following arguments are required: recipe. See qrelora train --help.\n"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_memory_refuses_a_vocabulary_size_that_is_not_positive(value, capsys):
+    assert exit_code(["memory", str(ROOT / "recipes" / "tiny.toml"), "--vocab-size", value]) == 2
+    err = capsys.readouterr().err
+    assert f"--vocab-size: {value} is not a vocabulary size" in err and "leave the option out" in err
+    assert "\n" not in err.rstrip("\n")  # one paragraph, no usage dump
+
+
 def test_bad_data_exits_2_before_writing(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -203,6 +203,7 @@ def test_hub_path_with_a_local_stand_in(monkeypatch, tokenizer, with_validation)
         return datasets.IterableDatasetDict(splits)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "hub_problem", lambda kind, name: None)  # the stand-in hub has it
     cfg = DataConfig(dataset="someone/corpus", dataset_config="en", tokenizer="unused", seq_len=32, eval_tokens=128)
     a = build_data(cfg, tokenizer, seed=1)
     assert isinstance(a, StreamingTokenData) and a.train_tokens is None and a.eval_tokens == 128

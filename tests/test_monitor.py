@@ -12,9 +12,10 @@ import torch
 from rich.console import Console
 
 from qrelora.cli import main
-from qrelora.config import load_recipe
-from qrelora.monitor import PlainLog, RichLog, make_log
-from qrelora.train import Trainer, effective_rank
+from qrelora.config import load_recipe, to_toml
+from qrelora.monitor import PlainLog, RichLog, effective_rank, make_log
+from qrelora.schedule import JaggedCosine
+from qrelora.train import Trainer
 
 from test_training import SMALL
 
@@ -41,6 +42,64 @@ def test_banner_and_live_row_show_what_a_user_needs(tmp_path):
     for column in ("loss", "eval loss / ppl", "lr", "grad", "tok/s", "MFU", "mem", "step", "phase", "12/12"):
         assert column in text, column
     assert "merge 1 after step 8" in text and "effective rank" in text and "eval at step 12" in text
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def live_bar(log: RichLog) -> str:
+    """The progress line as the terminal shows it now."""
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(log.progress)
+    return console.export_text().strip()
+
+
+def test_live_bar_shows_from_the_start_and_moves_every_step():
+    clock = FakeClock()
+    console = Console(record=True, width=120, force_terminal=True, file=io.StringIO())
+    log = RichLog(console, clock=clock)
+    log.start(20, 0)  # the trainer calls this before its first evaluation
+    log.live.refresh()
+    screen = console.export_text()
+    assert "evaluating" in screen and "0/20" in screen  # not a blank screen while the model is evaluated
+    clock.now += 30
+    log.eval({"step": 0, "eval_loss": 9.0, "eval_ppl": 8103.1, "eval_s": 30.0})
+    assert live_bar(log).startswith("train") and "0:00:30" in live_bar(log)  # elapsed since start()
+    clock.now += 1.5
+    log.advance(1)
+    assert "1/20" in live_bar(log) and "eta -:--:--" in live_bar(log)  # one step says nothing about the rate
+    for step in range(2, 6):  # every step moves the bar, not only logged ones
+        clock.now += 1.0
+        log.advance(step)
+        assert f"{step}/20" in live_bar(log)
+    assert "eta 0:00:15" in live_bar(log)  # 15 steps left at 1 s each
+    clock.now += 1.0
+    log.advance(20)
+    assert "20/20" in live_bar(log) and "final eval" in live_bar(log) and "eta 0:00:00" in live_bar(log)
+    log.close()
+    assert log.live is None and live_bar(log).startswith("done")  # the frame left on the terminal
+
+
+def test_live_eta_of_a_resumed_run_counts_only_this_sessions_steps():
+    clock = FakeClock()
+    log = RichLog(Console(width=120, force_terminal=True, file=io.StringIO()), clock=clock)
+    log.start(100, 40)  # resumed at step 40: those steps were not done in this session
+    assert "40/100" in live_bar(log) and live_bar(log).startswith("train")
+    clock.now += 10  # the first step carries start-up costs
+    log.advance(41)
+    clock.now += 2
+    log.advance(42)
+    clock.now += 2
+    log.advance(43)
+    # 2 s per step over this session's steps: 57 left = 114 s (counting the 40 resumed steps would say ~19 s)
+    assert "43/100" in live_bar(log) and "eta 0:01:54" in live_bar(log) and "0:00:14" in live_bar(log)
+    log.close()  # interrupted: the frame left on the terminal must not say done
+    assert live_bar(log).startswith("stopped") and "eta -:--:--" in live_bar(log)
 
 
 def test_off_a_terminal_output_is_plain_lines(tmp_path):
@@ -78,8 +137,37 @@ def test_plot_metrics_writes_a_png(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "run")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "learning rate: per step from config.toml, matching all 6 logged values" in out.stdout  # a real run's
     png = (tmp_path / "run" / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def plot_tool():
+    spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "tools" / "plot_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plotted_learning_rate_is_the_schedule_per_step_not_dips_at_log_points(tmp_path):
+    """log_every divides the cycle, so every merge falls on a logged step, whose lr is the pre-merge 0."""
+    recipe = small_recipe(tmp_path, "--training.steps=40", "--relora.warm_start_steps=8", "--relora.restart_every=8",
+                          "--relora.restart_warmup=3", "--training.log_every=4")
+    (tmp_path / "config.toml").write_text(to_toml(recipe))
+    t, r = recipe.training, recipe.relora
+    schedule = JaggedCosine(lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+                            restart_every=r.restart_every, restart_warmup=r.restart_warmup,
+                            relora_start=r.warm_start_steps)
+    merges = [{"step": s, "event": "merge"} for s in range(16, 41, 8)]
+    logged = [{"step": s, "loss": 5.0, "lr": schedule(s - 1)} for s in range(4, 41, 4)]
+    assert [x["lr"] for x in logged if x["step"] in (16, 24, 32, 40)] == [0.0] * 4  # the misleading dips
+    steps, lrs, source = plot_tool().lr_curve(logged + merges, tmp_path)
+    assert steps == list(range(1, 41)) and "matching all 10 logged values" in source
+    assert [s for s, lr in zip(steps, lrs) if lr == 0] == [1, 16, 24, 32, 40]  # warm-up start, pre-merge steps
+    assert lrs[16] < lrs[17] < lrs[18] == pytest.approx(schedule.envelope(18))  # the re-warm-up after a merge
+    (tmp_path / "config.toml").unlink()  # no schedule to rebuild (or one that disagrees): the logged values
+    steps, lrs, source = plot_tool().lr_curve(logged + merges, tmp_path)
+    assert 0.0 not in lrs and steps == [4, 8, 12, 20, 28, 36] and source.startswith("logged every 4 steps")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
