@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import config as cfgmod
+from .errors import BadInput
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -39,7 +40,7 @@ LEGACY_FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt", "
 MODEL_FILES = ("model.safetensors", "trainer.json", "config.toml")  # what eval and export read
 
 
-class CheckpointError(Exception):
+class CheckpointError(BadInput):
     """A checkpoint that cannot be used for this recipe; the message says why and what to do."""
 
 

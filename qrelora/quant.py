@@ -4,7 +4,7 @@ A `Codec` turns a full-precision matrix into a dict of packed tensors and back. 
 packed matrix as buffers, plus whatever its merge mode needs off the accelerator (the exact master copy or
 the rounding residual), and folds adapter updates into itself with `merge`.
 
-Why the merge modes exist (measured in method.md): requantizing `dequantize(W_q) + delta` loses every part
+Why the merge modes exist (measured, see README): requantizing `dequantize(W_q) + delta` loses every part
 of `delta` smaller than a quantization step, and most of each late-training update is that small.
 "exact" keeps a full-precision master in host memory and stores `quantize(master)`; "error_feedback"
 keeps only the rounding residual; "stochastic" rounds without bias and keeps nothing; "naive" is the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,7 +147,8 @@ class CodebookCodec(Codec):
 
     Dequantization is `code[index] * scale[block]`. bitsandbytes' kernels do it fast on CUDA and on CPU
     when rows are whole blocks; otherwise it runs here in plain torch, which also avoids the CPU kernel's
-    wrong results when in_features is a multiple of 16 but not of the blocksize (platform.md).
+    wrong results when in_features is a multiple of 16 but not of the blocksize (bitsandbytes 0.50 on an
+    AVX-512 CPU, e.g. in_features 96 or 352 with blocksize 64).
     """
 
     blocksize: int
@@ -276,7 +278,8 @@ class FourBitCodec(CodebookCodec):
 @storage_format(8)
 class EightBitCodec(CodebookCodec):
     """8-bit blockwise with bitsandbytes' *linear signed* code. The default dynamic code is asymmetric
-    (-0.993 .. +1.0) and shrinks weights ~0.7% per requantization (platform.md); the linear one is symmetric."""
+    (-0.993 .. +1.0) and shrinks weights ~0.7% per requantization (measured with bitsandbytes 0.50); the linear
+    one is symmetric."""
 
     name = label = "int8"
     main_key = "codes"
@@ -442,6 +445,16 @@ MERGE_MODES: dict[str, MergeMode] = {m.name: m for m in (ExactMerge(), ErrorFeed
                                                           NaiveMerge())}
 
 
+@dataclass
+class LayerMerge:
+    """What one merge did to one weight."""
+
+    update_ratio: float
+    """||delta|| / ||W|| after the merge."""
+    codes_changed: float
+    """Share of the stored codes that changed."""
+
+
 class FrozenWeight(nn.Module):
     """One frozen matrix in its storage format, merged into by `merge(delta)`.
 
@@ -498,13 +511,12 @@ class FrozenWeight(nn.Module):
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     @torch.no_grad()
-    def merge(self, delta: Tensor) -> dict[str, float]:
+    def merge(self, delta: Tensor) -> LayerMerge:
         """Fold `delta` (same shape, any float dtype, on the weight's device) into the stored weight.
 
         Pass the only reference to `delta` (e.g. `merge(adapter.delta())`): the exact mode moves it to the
         host and frees it before the master comes back, so a merge needs one fp32 matrix of accelerator
-        workspace on top of the packed weight. Returns ||delta|| / ||W|| and the share of stored codes
-        that changed.
+        workspace on top of the packed weight.
         """
         old = self.stored()
         delta_norm = delta.float().norm().item()
@@ -512,8 +524,8 @@ class FrozenWeight(nn.Module):
         del delta
         w_norm = self.mode.merge(self, update)
         self.merges_done += 1
-        changed = self.codec.changed(old, self.stored()) / self.numel()
-        return {"codes_changed": changed, "update_ratio": delta_norm / max(w_norm, 1e-12)}
+        return LayerMerge(update_ratio=delta_norm / max(w_norm, 1e-12),
+                          codes_changed=self.codec.changed(old, self.stored()) / self.numel())
 
     def full_precision(self) -> Tensor:
         """The best full-precision value this weight knows: the master, stored + residual, or stored."""

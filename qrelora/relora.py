@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .config import QuantConfig, ReLoRAConfig
 from .models import init_module
-from .quant import Codec, FrozenWeight, frozen_linear, make_codec
+from .quant import Codec, FrozenWeight, LayerMerge, frozen_linear, make_codec
 from .seeding import derive_seed
 
 # The linears of a LLaMA block that carry adapters; embeddings, norms and the head stay full-rank.
@@ -56,7 +56,7 @@ class ReLoRALinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def merge_and_reinit(self) -> dict[str, float]:
+    def merge_and_reinit(self) -> LayerMerge:
         """Fold s*B@A into the base, then start a fresh adapter. Returns merge statistics."""
         stats = self.base.merge(self.delta())  # the only reference, so the merge can free it early
         self.reset_adapter()
@@ -139,8 +139,8 @@ def merge_and_reinit(model: nn.Module) -> MergeReport:
     return MergeReport(
         seconds=time.perf_counter() - t0,
         layers=len(stats),
-        update_ratio=sum(s["update_ratio"] for s in stats) / n,
-        codes_changed=sum(s["codes_changed"] for s in stats) / n,
+        update_ratio=sum(s.update_ratio for s in stats) / n,
+        codes_changed=sum(s.codes_changed for s in stats) / n,
     )
 
 

@@ -50,6 +50,13 @@ class JaggedCosine:
         ease = min(1.0, (step - self.extended_at) / self.warmup_steps) if self.warmup_steps else 1.0
         return start + (planned - start) * ease
 
+    def describe_extension(self) -> str:
+        """The last extension in words (for the banner)."""
+        before, at = self.previous.total_steps, self.extended_at
+        return (f"planned for {before:,} steps, extended at step {at:,} to {self.total_steps:,}: the learning rate "
+                f"eases from {self.previous.envelope(at):.2e} to the cosine planned for {self.total_steps:,} steps "
+                f"over {self.warmup_steps} steps (training.warmup_steps)")
+
     def _cosine(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * step / self.warmup_steps

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -26,11 +23,12 @@ from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
-from .models import build_model, count_parameters, materialize, resolve_shape
-from .monitor import MetricsFile, PlainLog, Timer, device_description, memory_gib, peak_flops
-from .optim import build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import ReLoRALinear, add_adapters, adapter_layers, codec_for, frozen_bytes, merge_and_reinit
-from .runlock import RunDirLocked, RunLock
+from .errors import EXIT_INTERRUPTED, QreloraError
+from .models import build_model, count_parameters, materialize
+from .monitor import MetricsFile, PlainLog, Timer, effective_rank, memory_gib, parameter_summary, peak_flops, run_info
+from .optim import build_optimizer, carry_state, prune_adapter_moments
+from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
+from .rundir import RunDirLocked, RunLock, check_free_disk, check_writable, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
 
@@ -42,6 +40,25 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     merges: int = 0
+
+
+@dataclass
+class MergeEvent:
+    """One merge of the whole model, as metrics.jsonl records it."""
+
+    merge_s: float
+    reset_s: float
+    update_ratio: float
+    """Mean ||s*B@A|| / ||W|| over layers."""
+    codes_changed: float
+    """Mean share of stored codes that changed."""
+    moments_zeroed: float
+    """Share of the adapters' moment entries that are zero after the reset."""
+    effective_rank: dict[str, int]
+    """Effective rank of the update accumulated since the switch, for a few sampled layers."""
+
+    def record(self) -> dict:
+        return {"event": "merge"} | dataclasses.asdict(self)
 
 
 class ReLoRAPhase:
@@ -93,7 +110,7 @@ class ReLoRAPhase:
     def adapter_params(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for layer in adapter_layers(model) for p in (layer.lora_A, layer.lora_B)]
 
-    def merge(self, model: nn.Module, optimizer: torch.optim.Optimizer, merge_index: int) -> dict:
+    def merge(self, model: nn.Module, optimizer: torch.optim.Optimizer, merge_index: int) -> MergeEvent:
         report = merge_and_reinit(model)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, merge_index, "moment reset"))
         t0 = time.perf_counter()
@@ -101,13 +118,8 @@ class ReLoRAPhase:
                                        gen)
         ranks = {name: effective_rank(layer.base.full_precision() - start)
                  for name, (layer, start) in self.rank_probes.items()}
-        return {"event": "merge", "merge_s": report.seconds, "reset_s": time.perf_counter() - t0,
-                "update_ratio": report.update_ratio, "codes_changed": report.codes_changed,
-                "moments_zeroed": zeroed, "effective_rank": ranks}
-
-
-class RunDirError(Exception):
-    """The run directory cannot be used (not writable, not enough free disk); nothing was trained."""
+        return MergeEvent(merge_s=report.seconds, reset_s=time.perf_counter() - t0, update_ratio=report.update_ratio,
+                          codes_changed=report.codes_changed, moments_zeroed=zeroed, effective_rank=ranks)
 
 
 @dataclass
@@ -119,15 +131,13 @@ class StepRecord:
     """Wall time of the forward, backward and optimizer passes (not the switch or the merge)."""
 
 
-class RunComplete(Exception):
-    """The run directory already holds the final checkpoint of this run; nothing was done."""
-
-
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(QreloraError):
     """SIGINT / SIGTERM: the run stopped after saving a checkpoint."""
 
+    exit_code = EXIT_INTERRUPTED
 
-class TrainingDiverged(Exception):
+
+class TrainingDiverged(QreloraError):
     """Too many non-finite steps in a row; the last good checkpoint is intact."""
 
 
@@ -214,11 +224,10 @@ class Trainer:
         self.run_dir = recipe.run_dir
         self.checkpoints_dir = self.run_dir / "checkpoints"
         resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, self.checkpoints_dir)
-        self.plan, self.extended = self._plan(resume_from, extend_to)
+        self.plan, self.extended = plan_run(recipe, resume_from, extend_to)
         if self.plan[-1][1] != t.steps:
             recipe = self.recipe = dataclasses.replace(recipe, training=dataclasses.replace(t, steps=self.plan[-1][1]))
-            t = recipe.training
-        self._check_writable()
+        check_writable(self.run_dir)
         self.lock = RunLock(self.run_dir)
         self._take_lock()
         try:
@@ -256,7 +265,7 @@ class Trainer:
         if self.relora.switch_due(0) or (saved and saved.trainer["relora_active"]):
             self.relora.convert(model, self.device)
         materialize(model, self.device)  # what a meta-device build has left: embeddings, norms, head
-        self._check_run_dir(model)
+        check_free_disk(self.run_dir, checkpoint.estimate_bytes(model))
         self._prepare(model)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,59 +279,6 @@ class Trainer:
         self.metrics = None
         if self.accelerator.is_main_process:
             self.metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
-
-    def _plan(self, resume_from: Path | None, extend_to: int | None) -> tuple[list[tuple[int, int]], bool]:
-        """The run's length as [(step, total_steps), ...]: one entry, plus one per extension. Raises
-        RunComplete when a resumed run has nothing left to do."""
-        r, steps = self.recipe, self.recipe.training.steps
-        if resume_from is None:
-            if extend_to is not None:
-                raise RunDirError(f"--extend-to={extend_to}: there is no checkpoint to extend in "
-                                  f"{self.checkpoints_dir} (checkpoint.resume = {r.checkpoint.resume!r}). To train "
-                                  f"{extend_to} steps from scratch, use --training.steps={extend_to}.")
-            return [(0, steps)], False
-        checkpoint.check_compatible(resume_from, r)
-        checkpoint.check_loadable(resume_from, r.checkpoint.allow_pickle)
-        done, plan = checkpoint.read_progress(resume_from)
-        planned = plan[-1][1]
-        if extend_to is None:
-            if steps not in (plan[0][1], planned):
-                raise checkpoint.CheckpointError(
-                    f"training.steps = {steps}, but the run in {self.run_dir} was planned for {planned} steps "
-                    f"(checkpoint {resume_from}). To change the length of this run, give the new total with "
-                    f"--extend-to={steps}; to start afresh, --checkpoint.resume=never.")
-            if done >= planned:
-                raise RunComplete(self._complete_message(resume_from, done))
-            return plan, False
-        if extend_to <= done or extend_to == planned:
-            raise RunDirError(f"--extend-to={extend_to}: the run in {self.run_dir} has done {done} of {planned} planned "
-                              f"steps; give a new total above {done} and other than {planned}.")
-        rl = r.relora
-        if rl.enabled and (extend_to <= rl.warm_start_steps or (extend_to - rl.warm_start_steps) % rl.restart_every):
-            cycles = max(1, (extend_to - rl.warm_start_steps) // rl.restart_every)
-            options = sorted({rl.warm_start_steps + c * rl.restart_every for c in (cycles, cycles + 1)} - {planned})
-            raise RunDirError(f"--extend-to={extend_to}: the ReLoRA phase must stay a whole number of cycles of "
-                              f"relora.restart_every = {rl.restart_every} steps after the {rl.warm_start_steps} "
-                              f"warm-start steps; choose e.g. --extend-to={options[-1]}.")
-        return [*plan, (done, extend_to)], True
-
-    def _complete_message(self, resume_from: Path, done: int) -> str:
-        evals = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if "eval_loss" in r]
-        result = f", final eval loss {evals[-1]['eval_loss']:.4f}" if evals else ""
-        return (f"the run in {self.run_dir} is complete: {done} of {done} steps{result} (checkpoint {resume_from}). "
-                "Nothing was changed. To train it further, run the same command with --extend-to=STEPS (the new "
-                "total); to start afresh, add --checkpoint.resume=never (this run's checkpoints and metrics are "
-                "then replaced) or choose another directory with --run.output_dir=PATH.")
-
-    def _check_writable(self) -> None:
-        """The run directory can be created and written, checked on the nearest existing ancestor so that a
-        bad path leaves nothing behind."""
-        existing = self.run_dir
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise RunDirError(f"run directory {self.run_dir} cannot be created or written ({existing} is not a "
-                              "writable directory). Choose another place with --run.output_dir=PATH.")
 
     def _take_lock(self) -> None:
         """The main process locks the run directory; every process learns whether it could."""
@@ -338,18 +294,6 @@ class Trainer:
             refused = broadcast_object_list([refused])[0]
         if refused:
             raise RunDirLocked(refused)
-
-    def _check_run_dir(self, model: nn.Module) -> None:
-        """Room for at least one checkpoint."""
-        existing = self.run_dir
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        need = checkpoint.estimate_bytes(model)
-        free = shutil.disk_usage(existing).free
-        if free < need:
-            raise RunDirError(f"not enough free disk for a checkpoint in {self.run_dir}: one needs about "
-                              f"{need / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free. Free some space or "
-                              "choose another place with --run.output_dir=PATH.")
 
     def close(self) -> None:
         """Release the run directory, the data-parallel wrapper, then the process group. Left to interpreter
@@ -426,16 +370,8 @@ class Trainer:
         self._prepare(model, old_optimizer)
         del old_optimizer
         self._event({"event": "relora_start", "switch_s": time.perf_counter() - t0},
-                    f"switched to ReLoRA at step {self.state.step}: {self._param_summary()} "
+                    f"switched to ReLoRA at step {self.state.step}: {parameter_summary(self.unwrapped)} "
                     f"({time.perf_counter() - t0:.1f} s)")
-
-    def _param_summary(self) -> str:
-        total, trainable = count_parameters(self.unwrapped)
-        frozen, frozen_n = frozen_bytes(self.unwrapped)
-        text = f"{total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable"
-        if frozen_n:
-            text += f", {frozen_n / 1e6:.2f}M frozen in {frozen / 2**20:.1f} MiB ({frozen / frozen_n:.3f} B/param)"
-        return text
 
     # ----------------------------------------------------------------------------------------------
     # steps
@@ -507,12 +443,12 @@ class Trainer:
 
     def run(self) -> dict:
         t, ckpt = self.recipe.training, self.recipe.checkpoint
-        self.log.banner(self.run_info())
+        self.log.banner(run_info(self))
         self.log.start(t.steps, self.state.step)
         if self.extended:
             at, total = self.plan[-1]
             self._event({"event": "extend", "from_steps": self.plan[-2][1], "to_steps": total,
-                         "lr_at_step": self.schedule(at)}, f"extended: {self._extension_text()}")
+                         "lr_at_step": self.schedule(at)}, f"extended: {self.schedule.describe_extension()}")
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
@@ -574,12 +510,12 @@ class Trainer:
         """Merge every adapter into its base, reset the adapters and their moments; log the merge."""
         self.state.merges += 1
         with self.phases("merge"):
-            r = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
-        ranks = ", ".join(str(v) for v in r["effective_rank"].values())
-        self._event(r, f"merge {self.state.merges} after step {self.state.step}: {r['merge_s']:.2f} s, "
-                       f"|sBA|/|W| {r['update_ratio']:.2e}, codes changed {r['codes_changed']:.2%}, "
-                       f"moments zeroed {r['moments_zeroed']:.2%}, effective rank of the update so far "
-                       f"{ranks} (sampled layers, 90% energy)")
+            m = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
+        ranks = ", ".join(str(v) for v in m.effective_rank.values())
+        self._event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
+                                f"|sBA|/|W| {m.update_ratio:.2e}, codes changed {m.codes_changed:.2%}, "
+                                f"moments zeroed {m.moments_zeroed:.2%}, effective rank of the update so far "
+                                f"{ranks} (sampled layers, 90% energy)")
 
     def _log_step(self, step: StepRecord) -> None:
         r = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm} | self.throughput.window(self.state.step)
@@ -593,46 +529,6 @@ class Trainer:
         self.log.event(f"{signal_name} received: stopped after step {self.state.step}, checkpoint saved to {path}. "
                        "Resume with the same command (checkpoint.resume = \"auto\").")
         raise TrainingInterrupted(str(path))
-
-    def run_info(self) -> dict[str, str]:
-        """What the start-up banner shows."""
-        from importlib.metadata import version
-
-        r, t, world = self.recipe, self.recipe.training, self.accelerator.num_processes
-        shape = resolve_shape(r.model)
-        tokens_per_step = r.tokens_per_step * world
-        info = {
-            "run": f"{r.run.name} -> {self.run_dir}",
-            "device": device_description(self.device) + (f" x {world} processes" if world > 1 else ""),
-            "versions": ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "bitsandbytes",
-                                                                  "accelerate")),
-            "precision": f"{t.dtype} autocast, fp32 trainable weights",
-            "model": f"LLaMA, hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads, "
-                     f"MLP {shape.mlp_size}, vocabulary {len(self.tokenizer):,}",
-            "parameters": self._param_summary(),
-            "batch": f"{t.micro_batch_size} x {r.data.seq_len} tokens x {t.grad_accum} accumulation"
-                     f"{f' x {world} processes' if world > 1 else ''} = {tokens_per_step:,} tokens/step; "
-                     f"{t.steps:,} steps = {tokens_per_step * t.steps / 1e6:,.1f}M tokens",
-            "optimizer": resolve_optimizer_name(r.optim, self.device.type),
-        }
-        if len(self.plan) > 1:
-            info["schedule"] = self._extension_text()
-        if r.relora.enabled:
-            cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
-            storage = codec_for(r.quant, t.dtype).label
-            info["relora"] = (f"rank {r.relora.rank}, {cycles} cycles of {r.relora.restart_every} steps after "
-                              f"{r.relora.warm_start_steps} full-rank steps; {storage} base, {r.quant.merge} "
-                              f"merge, {r.relora.reset} reset {r.relora.reset_ratio:g}")
-        else:
-            info["relora"] = "off (full-rank training)"
-        return info
-
-    def _extension_text(self) -> str:
-        (_, before), (at, total) = self.plan[-2], self.plan[-1]
-        s = self.schedule
-        return (f"planned for {before:,} steps, extended at step {at:,} to {total:,}: the learning rate eases from "
-                f"{s.previous.envelope(at):.2e} to the cosine planned for {total:,} steps over "
-                f"{s.warmup_steps} steps (training.warmup_steps)")
 
     def flops_per_token(self) -> float:
         """Forward and input-gradient matmuls touch every weight (4 FLOPs each), weight gradients only the
@@ -662,13 +558,6 @@ class Trainer:
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl ([] when there is none)."""
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def check_device(recipe: Recipe) -> None:
     """A recipe that asks for CUDA on a machine without it is refused (accelerate would quietly use the CPU)."""
     if recipe.training.device == "cuda" and not torch.cuda.is_available():
@@ -690,17 +579,9 @@ def build_device_for(fp32_bytes: int, free_bytes: int, relora_from_start: bool,
     return torch.device("meta") if relora_from_start else torch.device("cpu")
 
 
-def effective_rank(update: torch.Tensor, energy: float = 0.9) -> int:
-    """Singular values needed to hold `energy` of the update's squared Frobenius norm."""
-    s2 = torch.linalg.svdvals(update.float()).square()
-    if s2.sum() == 0:
-        return 0
-    return int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
-
-
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing of every decoder block: with frozen inputs the reentrant kind silently
-    drops the adapters' gradients (platform.md)."""
+    drops the adapters' gradients (measured with torch 2.13 and transformers 5)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

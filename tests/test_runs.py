@@ -115,7 +115,7 @@ def test_state_files_keep_types_and_shared_tensors(tmp_path):
         checkpoint.save_tree(tmp_path / "bad.safetensors", {"x": object()})
 
 
-HOLD_LOCK = ("import sys, time; from qrelora.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+HOLD_LOCK = ("import sys, time; from qrelora.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
              "print('locked', flush=True); time.sleep(120)")
 
 
