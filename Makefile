@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast clean
 
 setup: $(VENV)/.installed
 

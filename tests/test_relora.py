@@ -124,7 +124,7 @@ def train_two_steps_checking_adapter_grads(model, device="cpu", vary_batch=False
 
 def test_eval_without_grad_does_not_corrupt_4bit_weights():
     """bitsandbytes' Linear4bit repacks its weight in place on AVX-512-bf16 CPUs during a no-grad eval
-    forward, after which training is wrong (platform.md). Our layer must be immune."""
+    forward, after which training is wrong (bitsandbytes 0.50 on CPUs with AVX-512 bf16). Our layer must be immune."""
     model = relora_model(4)
     layer = adapter_layers(model)[0]
     before = {k: v.clone() for k, v in layer.base.stored().items()}

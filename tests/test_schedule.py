@@ -8,7 +8,8 @@ from qrelora.schedule import JaggedCosine
 
 
 def reference_lr(s, lr, total, warmup, min_ratio, every, rw, start):
-    """The schedule written out from method.md, independently of the implementation."""
+    """The schedule written out from the ReLoRA paper (Lialin et al. 2023, section 3), independently of the
+    implementation."""
     if s < warmup:
         env = lr * s / warmup
     else:

@@ -2,7 +2,7 @@
 
     python tools/bench_merge.py [--device cpu|cuda] [--skip-model] [--results benchmarks/RESULTS.md]
 
-Part 1 (method.md's synthetic test): a 2048x2048 Gaussian matrix (std 0.02) receives 20 merges of
+Part 1 (a synthetic test): a 2048x2048 Gaussian matrix (std 0.02) receives 20 merges of
 rank-16 updates whose RMS is 1% of the weight's (a small fraction of a 4-bit quantization step, as late
 in training). For each storage format and merge mode it reports the share of the intended total update
 that the stored weight actually moved by (projection of stored change onto intended change; 1.0 is
