@@ -122,7 +122,7 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from .config import load_recipe
     from .memory import GiB, Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
-    from .train import check_device
+    from .device import check_device
 
     try:
         budget = parse_bytes(args.budget)

@@ -16,6 +16,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import BadInput
+from .models import model_dims
+from .optim import OPTIMIZERS, RESETS
+from .quant import MERGE_MODES, STORAGE_FORMATS, storage_class
+
+# Choices that come from the tables of their implementations: adding a storage format, merge mode, reset
+# mode or optimizer there makes it a valid recipe value here.
+STORAGE_BITS = Literal[tuple(sorted({bits for bits, _ in STORAGE_FORMATS}))]
+STORAGE_TYPES = Literal[tuple(sorted({t for _, t in STORAGE_FORMATS if t is not None}))]
+MERGE_CHOICES = Literal[tuple(MERGE_MODES)]
+RESET_CHOICES = Literal[tuple(RESETS)]
+OPTIMIZER_CHOICES = Literal[("auto", *OPTIMIZERS)]
 
 
 class RecipeError(BadInput):
@@ -119,7 +130,7 @@ class ReLoRAConfig:
     warm_start_steps: int = 0
     """Full-rank steps before switching to ReLoRA, or a fraction of training.steps (e.g. 0.33: rounded so the
     ReLoRA phase is a whole number of cycles)."""
-    reset: Literal["magnitude", "random", "zero", "none"] = "magnitude"
+    reset: RESET_CHOICES = "magnitude"
     """How the adapters' Adam moments are pruned at each restart."""
     reset_ratio: float = 0.99
     """Share of moment entries zeroed by "magnitude" and "random"."""
@@ -127,27 +138,23 @@ class ReLoRAConfig:
 
 @dataclass
 class QuantConfig:
-    bits: Literal[4, 8, 16] = 4
+    bits: STORAGE_BITS = 4
     """Storage of the frozen base weights: 4-bit (NF4/FP4), 8-bit blockwise, or 16-bit."""
-    type: Literal["nf4", "fp4"] = "nf4"
+    type: STORAGE_TYPES = "nf4"
     """4-bit code."""
     blocksize: int = 0
-    """Values per quantization block; 0 picks 64 for 4-bit and 256 for 8-bit."""
+    """Values per quantization block; 0 picks the storage's default (64 for 4-bit, 256 for 8-bit)."""
     double_quant: bool = True
     """Quantize the 4-bit block scales too (saves ~0.05 byte per parameter)."""
-    merge: Literal["exact", "error_feedback", "stochastic", "naive"] = "exact"
+    merge: MERGE_CHOICES = "exact"
     """How adapter updates are folded into the quantized base at each restart."""
     master: Literal["memory", "mmap"] = "memory"
     """Where the exact-merge master copy lives: host memory, or a memory-mapped file in the run directory."""
 
-    @property
-    def effective_blocksize(self) -> int:
-        return self.blocksize or (256 if self.bits == 8 else 64)
-
 
 @dataclass
 class OptimConfig:
-    name: Literal["auto", "paged_adamw8bit", "adamw8bit", "adamw"] = "auto"
+    name: OPTIMIZER_CHOICES = "auto"
     """"auto": paged 8-bit AdamW on CUDA, torch AdamW on CPU."""
     betas: tuple[float, float] = (0.9, 0.95)
     """Adam betas."""
@@ -423,12 +430,14 @@ def validate(r: Recipe) -> list[str]:
                  f"{_shown(r, 'relora', 'restart_every')}, when ReLoRA starts at step 0; set it below "
                  f"{rl.restart_every} (e.g. --training.warmup_steps={rl.restart_every // 2})")
         need(0 <= rl.reset_ratio <= 1, "relora", "reset_ratio", "must be in [0, 1]")
-    if q.bits == 4 and q.blocksize:
-        need(q.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096), "quant", "blocksize",
-             "must be a power of two in 32..4096 for 4-bit storage")
-    elif q.bits == 8 and q.blocksize:
-        need(q.blocksize in (64, 128, 256, 512, 1024, 2048, 4096), "quant", "blocksize",
-             "must be a power of two in 64..4096 for 8-bit storage")
+    if (q.bits, q.type) not in STORAGE_FORMATS and (q.bits, None) not in STORAGE_FORMATS:
+        types = sorted(t for b, t in STORAGE_FORMATS if b == q.bits and t is not None)
+        need(False, "quant", "type", f"is not a {q.bits}-bit storage; {q.bits}-bit types are {', '.join(types)}")
+    elif q.blocksize:
+        sizes = storage_class(q).blocksizes
+        need(q.blocksize in sizes, "quant", "blocksize",
+             f"must be one of {', '.join(map(str, sizes))} for {q.bits}-bit storage (0 picks its default)" if sizes
+             else f"must be 0: {q.bits}-bit storage has no blocks")
 
     need(all(0 <= b < 1 for b in o.betas), "optim", "betas", "each must be in [0, 1)")
     need(0 < o.eps < 1, "optim", "eps", "must be in (0, 1)")
@@ -450,8 +459,6 @@ def _shape_problems(r: Recipe) -> list[str]:
     """Problems that depend on the model's real dimensions: the preset with the recipe's overrides, or the
     config.json of model.init_from. Found here they cost nothing; found by the trainer they cost the warm
     start (an adapter rank above the layers' size used to end, after it, in an out-of-memory kill)."""
-    from .models import model_dims
-
     m, d, rl = r.model, r.data, r.relora
     sizes = ("hidden_size", "num_layers", "num_heads", "mlp_size")
     if any(getattr(m, k) < 0 for k in sizes) or (m.preset == "custom" and not all(getattr(m, k) > 0 for k in sizes)):

@@ -18,21 +18,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
+import sys
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .config import Recipe
-from .optim import OPTIMIZERS
+from .data import load_tokenizer
+from .device import build_device_for, check_device, device_type
+from .models import build_model, enable_activation_checkpointing, resolve_shape
+from .monitor import PlainLog
+from .optim import OPTIMIZERS, resolve_optimizer_name
 from .quant import MERGE_MODES, Codec, FrozenWeight
 from .relora import ReLoRALinear, add_adapters, codec_for
+from .train import Trainer
 
 GiB = 2**30
 
@@ -255,7 +263,6 @@ class Simulation:
 
 def _fake_model(recipe: Recipe, vocab_size: int, depth: int | None) -> nn.Module:
     """The recipe's model (with `depth` decoder blocks instead of its own, if given)."""
-    from .models import build_model, resolve_shape
 
     if not recipe.model.init_from:
         cfg = recipe.model
@@ -282,7 +289,6 @@ class Simulator:
     def __init__(self, recipe: Recipe, vocab_size: int, relora: bool, checkpointing: bool, depth: int | None = None):
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        from .train import enable_activation_checkpointing
 
         self.recipe, self.vocab_size = recipe, vocab_size
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -416,12 +422,6 @@ class Estimate:
                     "headroom": 1 - self.need / self.budget}
 
 
-def device_type_of(recipe: Recipe) -> str:
-    if recipe.training.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return recipe.training.device
-
-
 def _phases_of(recipe: Recipe) -> list[tuple[str, bool]]:
     r, steps = recipe.relora, recipe.training.steps
     if not r.enabled:
@@ -435,11 +435,10 @@ class Estimator:
     """Estimates of one recipe at any micro-batch size (each fake model is built once)."""
 
     def __init__(self, recipe: Recipe, vocab_size: int, budget: int, vocab_source: str = "", recipe_name: str = ""):
-        from .optim import resolve_optimizer_name
 
         self.recipe, self.vocab_size, self.budget = recipe, vocab_size, budget
         self.vocab_source, self.recipe_name = vocab_source, recipe_name
-        self.device_type = device_type_of(recipe)
+        self.device_type = device_type(recipe)
         self.optimizer = resolve_optimizer_name(recipe.optim, self.device_type)
         self._simulators: dict[tuple, Simulator] = {}
 
@@ -534,7 +533,6 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
     # layer from the meta device (one fp32 layer at a time, quantized at once), or in host memory.
     host: dict[str, int] = {}
     if first:
-        from .train import build_device_for
 
         if device_type != "cuda" or recipe.model.init_from:  # as Trainer._build_device: whole, in host memory
             where = torch.device("cpu")
@@ -659,14 +657,9 @@ def measure(recipe: Recipe, steps: int, log=None) -> Measurement:
     On CUDA the allocator's peaks are read and a memory snapshot (open it at pytorch.org/memory_viz) is
     written to <run dir>/memory/memory_snapshot.pickle, also when the run goes out of memory. On CPU a
     StorageTracker follows every real tensor."""
-    import sys
-
-    from .monitor import PlainLog
-    from .train import Trainer, check_device
-
     check_device(recipe)
     r = _measurement_recipe(recipe, steps)
-    cuda = device_type_of(r) == "cuda"
+    cuda = device_type(r) == "cuda"
     m = Measurement("cuda" if cuda else "cpu", steps)
     snapshot = r.run_dir / "memory_snapshot.pickle"
     if cuda:
@@ -719,7 +712,6 @@ def vocab_size_of(recipe: Recipe, given: int | None = None) -> tuple[int, str]:
     """The vocabulary size (it sets the embeddings, the head and the logits) and where it came from.
     A hub tokenizer is read from the local cache only; when it is not there the LLaMA size is assumed,
     and said, rather than waiting on the network."""
-    from .data import load_tokenizer
 
     if given:
         return given, "--vocab-size"
@@ -952,8 +944,6 @@ def out_of_memory_report(recipe: Recipe, recipe_path: str, overrides: list[str])
 
 def available_host_bytes() -> int:
     """Host memory a new run can use: psutil's "available" (free plus reclaimable page cache)."""
-    import psutil
-
     return psutil.virtual_memory().available
 
 
@@ -999,15 +989,9 @@ def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | N
 
     It costs one estimate (fake tensors, nothing allocated): about a second for recipes/tiny.toml on a
     2-core CPU, on top of what the trainer's own start-up costs (imports, tokenizer) which it shares."""
-    import os
-
-    from .train import check_device
-
     check_device(recipe)  # a CUDA recipe on a machine without CUDA: RecipeError, exit 2
     vocab, source = vocab_size_of(recipe)
     if recipe.model.init_from:
-        from .data import load_tokenizer
-
         tokens = len(load_tokenizer(recipe.data.tokenizer))
         if tokens > vocab:
             return (f"{recipe_path}: data.tokenizer = {recipe.data.tokenizer!r} has {tokens:,} entries, but the model "
@@ -1015,10 +999,10 @@ def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | N
                     f"config.json), so token ids from {vocab:,} up would have none. Use the tokenizer the model was "
                     f"trained with (a directory written by qrelora export holds it: "
                     f"--data.tokenizer={recipe.model.init_from}).")
-    device_type = device_type_of(recipe)
+    on = device_type(recipe)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: ranks on this machine share its RAM
     host_available = available_host_bytes()
-    budget = device_total_bytes() if device_type == "cuda" else host_available // processes
+    budget = device_total_bytes() if on == "cuda" else host_available // processes
     estimator = Estimator(recipe, vocab, budget, source, recipe_path)
     estimate = estimator.estimate(compare_checkpointing=False)
     worst = max(estimate.phases, key=lambda p: p.need)
@@ -1030,11 +1014,11 @@ def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | N
     budget_arg = f"{budget / GiB:.1f}GiB" if budget >= GiB else f"{max(budget // 2**20, 1)}MiB"
     rest = (f"Nothing was trained or written; `{' '.join(['qrelora memory', recipe_path, *overrides])} --budget "
             f"{budget_arg}` itemizes the estimate.")
-    if device_type == "cuda" and estimate.device_need > budget:
+    if on == "cuda" and estimate.device_need > budget:
         fix = fix_for(recipe, estimator.largest_micro_batch(estimate))
         return (f"{recipe_path}: this run needs an estimated {_size(estimate.device_need)} of GPU memory at its peak "
                 f"({where}), but the GPU has {_size(budget)} in all. {fix} {rest}")
-    if device_type != "cuda":
+    if on != "cuda":
         need = estimate.need * processes
         if need <= host_available:
             return None

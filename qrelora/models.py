@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+if TYPE_CHECKING:  # config imports this module to check recipes against real model shapes
+    from .config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, device: str 
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model
+
+
+def fp32_model_bytes(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:
+    """The model's weights in fp32 (counted on the meta device, nothing allocated)."""
+    meta = build_model(cfg, vocab_size=vocab_size, seq_len=seq_len, device="meta")
+    return 4 * sum(p.numel() for p in meta.parameters())
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder block: with frozen inputs the reentrant kind silently
+    drops the adapters' gradients (measured with torch 2.13 and transformers 5)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def init_module(module: nn.Module, std: float) -> None:

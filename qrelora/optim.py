@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .config import OptimConfig
 from .quant import bnb_functional
+
+if TYPE_CHECKING:  # config imports this module for the optimizer and reset names
+    from .config import OptimConfig
 
 
 class OptimizerKind:

@@ -23,8 +23,9 @@ from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
+from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
-from .models import build_model, count_parameters, materialize
+from .models import build_model, count_parameters, enable_activation_checkpointing, fp32_model_bytes, materialize
 from .monitor import MetricsFile, PlainLog, Timer, effective_rank, memory_gib, parameter_summary, peak_flops, run_info
 from .optim import build_optimizer, carry_state, prune_adapter_moments
 from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
@@ -211,7 +212,7 @@ class Trainer:
         self.recipe = recipe
         t = recipe.training
         self.log = log or PlainLog()
-        cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        cpu = device_type(recipe) == "cpu"
         # accelerate keeps the mixed-precision setting in a process-wide singleton; each run's precision is
         # its recipe's, so forget the previous run's (the distributed set-up itself is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -347,7 +348,7 @@ class Trainer:
         cpu = torch.device("cpu")
         if self.device.type != "cuda" or self.recipe.model.init_from:
             return cpu
-        return build_device_for(fp32_model_bytes(self.recipe, len(self.tokenizer)),
+        return build_device_for(fp32_model_bytes(self.recipe.model, len(self.tokenizer), self.recipe.data.seq_len),
                                 torch.cuda.mem_get_info(self.device)[0], self.relora.switch_due(0), self.device)
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -556,37 +557,6 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
-
-
-def check_device(recipe: Recipe) -> None:
-    """A recipe that asks for CUDA on a machine without it is refused (accelerate would quietly use the CPU)."""
-    if recipe.training.device == "cuda" and not torch.cuda.is_available():
-        raise cfgmod.RecipeError("[training] device", [
-            f"device = \"cuda\", but torch {torch.__version__} sees no CUDA device on this machine. Use "
-            "--training.device=auto (CUDA when there is one, else the CPU) or --training.device=cpu."])
-
-
-def fp32_model_bytes(recipe: Recipe, vocab_size: int) -> int:
-    meta = build_model(recipe.model, vocab_size=vocab_size, seq_len=recipe.data.seq_len, device="meta")
-    return 4 * sum(p.numel() for p in meta.parameters())
-
-
-def build_device_for(fp32_bytes: int, free_bytes: int, relora_from_start: bool,
-                     accelerator: torch.device) -> torch.device:
-    """Where the trainer initialises a model (the memory estimator asks the same question)."""
-    if fp32_bytes < free_bytes / 2:
-        return accelerator
-    return torch.device("meta") if relora_from_start else torch.device("cpu")
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant checkpointing of every decoder block: with frozen inputs the reentrant kind silently
-    drops the adapters' gradients (measured with torch 2.13 and transformers 5)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train(recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None) -> dict:

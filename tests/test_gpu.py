@@ -6,7 +6,7 @@ import torch
 from qrelora.config import QuantConfig, ReLoRAConfig
 from qrelora.quant import EightBitCodec, FourBitCodec, FrozenWeight
 from qrelora.relora import ReLoRALinear, add_adapters, merge_and_reinit
-from qrelora.train import enable_activation_checkpointing
+from qrelora.models import enable_activation_checkpointing
 
 from test_relora import randomize_adapters, tiny_model, tokens, train_two_steps_checking_adapter_grads
 

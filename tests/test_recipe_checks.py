@@ -119,7 +119,7 @@ def test_estimate_above_available_host_memory_is_refused_before_anything_is_writ
 def test_cuda_run_is_checked_against_the_gpu_and_the_host(tmp_path, monkeypatch):
     """The CUDA branches on a CPU machine: the estimate is made on fake tensors for a CUDA device either way."""
     recipe = load_recipe(TINY, [*SMALL, f"--run.output_dir={tmp_path}"])
-    monkeypatch.setattr(qrelora.memory, "device_type_of", lambda r: "cuda")
+    monkeypatch.setattr(qrelora.memory, "device_type", lambda r: "cuda")
     monkeypatch.setattr(qrelora.memory, "device_total_bytes", lambda: 20 * 2**20)
     refusal = qrelora.memory.preflight(recipe, str(TINY), SMALL)
     assert "GiB of GPU memory at its peak" in refusal and "the GPU has 20.0 MiB in all" in refusal
@@ -203,12 +203,12 @@ def test_a_cpu_run_is_estimated_as_built_whole_in_fp32():
     """The trainer builds a CPU run's model whole in fp32 (only on CUDA layer by layer from the meta device),
     so the pre-flight must count that, whatever the budget says."""
     from qrelora.memory import Estimator
-    from qrelora.train import fp32_model_bytes
+    from qrelora.models import fp32_model_bytes
 
     recipe = load_recipe(TINY, [*SMALL, "--relora.warm_start_steps=0", "--relora.restart_every=100",
                                 "--training.warmup_steps=10"])
     build = Estimator(recipe, 8192, budget=2**20).estimate(compare_checkpointing=False).phases[0].parts["build"]
-    assert build == {"full-rank weights": fp32_model_bytes(recipe, 8192)}
+    assert build == {"full-rank weights": fp32_model_bytes(recipe.model, 8192, recipe.data.seq_len)}
 
 
 def test_largest_micro_batch_on_cpu_takes_few_estimates():

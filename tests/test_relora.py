@@ -8,7 +8,7 @@ from torch import nn
 from qrelora.config import ModelConfig, QuantConfig, ReLoRAConfig
 from qrelora.models import build_model
 from qrelora.quant import DenseCodec, FourBitCodec
-from qrelora.train import enable_activation_checkpointing
+from qrelora.models import enable_activation_checkpointing
 from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
 
 VOCAB, SEQ = 256, 32

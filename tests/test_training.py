@@ -149,7 +149,7 @@ def test_trainer_builds_layer_by_layer_when_the_fp32_model_would_not_fit(tmp_pat
 
 
 def test_where_the_trainer_builds():
-    from qrelora.train import build_device_for
+    from qrelora.device import build_device_for
 
     gpu = torch.device("cuda")
     assert build_device_for(5 * 2**30, 24 * 2**30, True, gpu) == gpu
