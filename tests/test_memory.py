@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from qrelora.cli import main
-from qrelora.config import load_recipe
+from qrelora.config import QuantConfig, load_recipe
 from qrelora.memory import (HOST_CATEGORIES, GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure,
                             parse_bytes)
 from qrelora.optim import OPTIMIZERS, build_optimizer
-from qrelora.quant import DenseCodec, EightBitCodec, FourBitCodec
+from qrelora.quant import STORAGE_FORMATS, FourBitCodec
 from qrelora.relora import add_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,9 @@ STORAGE_KINDS = {
 }
 
 
-@pytest.mark.parametrize("codec", [FourBitCodec("nf4", 64, True), FourBitCodec("fp4", 128, False),
-                                   EightBitCodec(256), DenseCodec(torch.bfloat16)], ids=lambda c: c.name)
+@pytest.mark.parametrize("codec", [STORAGE_FORMATS[(bits, t)].for_recipe(QuantConfig(bits=bits, type=t or "nf4"),
+                                                                    torch.bfloat16) for bits, t in STORAGE_FORMATS]
+                         + [FourBitCodec("fp4", 128, False)], ids=lambda c: c.name)
 @pytest.mark.parametrize("shape", [(96, 96), (33, 65), (256, 704)])
 def test_codec_layout_is_what_quantize_stores(codec, shape):
     with warnings.catch_warnings():

@@ -3,15 +3,19 @@
 import pytest
 import torch
 
-from qrelora.quant import (MERGE_MODES, DenseCodec, EightBitCodec, FourBitCodec, FrozenWeight, bnb_functional,
-                           frozen_linear)
+from qrelora.config import QuantConfig
+from qrelora.quant import (MERGE_MODES, STORAGE_FORMATS, CodebookCodec, EightBitCodec, FourBitCodec, FrozenWeight,
+                           bnb_functional, frozen_linear)
 
-CODECS = {
-    "nf4": lambda: FourBitCodec("nf4", 64, True),
-    "fp4": lambda: FourBitCodec("fp4", 64, False),
-    "int8": lambda: EightBitCodec(256),
-    "bf16": lambda: DenseCodec(torch.bfloat16),
-}
+
+def _recipe_codec(bits, quant_type):
+    return lambda: STORAGE_FORMATS[(bits, quant_type)].for_recipe(QuantConfig(bits=bits, type=quant_type or "nf4"),
+                                                                  torch.bfloat16)
+
+
+# Every storage format a recipe can choose, as the recipe builds it, by codec name ("nf4", "int8", "bf16", ...).
+CODECS = {factory().name: factory for factory in (_recipe_codec(*key) for key in STORAGE_FORMATS)}
+CODEBOOKS = [name for name, factory in CODECS.items() if isinstance(factory(), CodebookCodec)]
 
 
 def weight(out=128, inp=256, seed=0):
@@ -27,7 +31,7 @@ def test_round_trip_error_is_that_of_the_format(name):
     assert 0 < err < bound
 
 
-@pytest.mark.parametrize("name", ["nf4", "fp4", "int8"])
+@pytest.mark.parametrize("name", CODEBOOKS)
 def test_reference_dequantize_equals_bitsandbytes(name):
     w = weight()
     codec = CODECS[name]()
@@ -56,7 +60,7 @@ def test_cpu_4bit_bug_shapes_dequantize_correctly():
         assert ((native - w).norm() / w.norm()).item() > 0.1 or torch.allclose(native, ours)
 
 
-@pytest.mark.parametrize("name", ["nf4", "fp4", "int8", "bf16"])
+@pytest.mark.parametrize("name", CODECS)
 def test_stochastic_rounding_is_unbiased(name):
     w = weight(64, 128)
     codec = CODECS[name]()
