@@ -78,7 +78,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
-def _quiet_dependencies() -> None:
+def quiet_dependencies() -> None:
     """Silence start-up warnings users cannot act on (torch deprecations inside bitsandbytes, etc.)."""
     import logging
     import warnings
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qrelora {args.command}: recipe overrides ({overrides[0]}) only apply to train and memory",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    _quiet_dependencies()
+    quiet_dependencies()
     from .rundir import RunComplete
     from .train import TrainingInterrupted
 

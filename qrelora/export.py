@@ -14,7 +14,7 @@ from torch import nn
 from . import checkpoint
 from . import config as cfgmod
 from .data import DataError, build_data, is_local, load_tokenizer
-from .models import build_model
+from .models import build_model, held_out_loss
 from .relora import ReLoRALinear, add_adapters
 
 EXPORT_RECIPE = "qrelora.toml"  # the recipe travels with an export so `qrelora eval` knows its data
@@ -137,7 +137,7 @@ def evaluate(path: Path, data: str | None = None, device: str = "auto") -> dict:
                                          f"a model exported by `qrelora export` (config.json and {EXPORT_RECIPE}).")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    model.to(dev).eval()
+    model.to(dev)
     try:
         held_out = build_data(recipe.data, tokenizer, recipe.training.seed, eval_only=True)
     except DataError as e:
@@ -145,12 +145,7 @@ def evaluate(path: Path, data: str | None = None, device: str = "auto") -> dict:
             raise
         raise DataError(str(e).replace(f"data.dataset = {data!r}", f"--data {data!r}")) from None  # what was typed
     batches = held_out.eval_batches(recipe.training.micro_batch_size)
-    losses = []
-    for batch in batches:
-        batch = batch.to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-            losses.append(model(input_ids=batch, labels=batch).loss.float().item())
-    loss = sum(losses) / len(losses)
+    loss = held_out_loss(model, batches, dev, bf16=autocast)
     return {"path": str(path), "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)),
             "eval_tokens": sum(b.numel() for b in batches), "dataset": recipe.data.dataset}
 

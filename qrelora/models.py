@@ -147,6 +147,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+@torch.no_grad()
+def held_out_loss(model: nn.Module, batches: list[torch.Tensor], device: torch.device, bf16: bool) -> float:
+    """Mean next-token loss of a causal LM over held-out batches, in eval mode, under bf16 autocast when
+    the model trains that way (what the trainer and `qrelora eval` both report)."""
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.float() for b in batches]
+    return torch.stack(losses).mean().item()
+
+
 def init_module(module: nn.Module, std: float) -> None:
     """A fresh LLaMA's initialisation of one module's own tensors (transformers' defaults for this model):
     linears and embeddings normal(0, std) with zero biases, RMSNorm weights one."""

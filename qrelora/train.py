@@ -25,7 +25,8 @@ from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
 from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
-from .models import build_model, count_parameters, enable_activation_checkpointing, fp32_model_bytes, materialize
+from .models import (build_model, count_parameters, enable_activation_checkpointing, fp32_model_bytes, held_out_loss,
+                     materialize)
 from .monitor import MetricsFile, PlainLog, Timer, effective_rank, memory_gib, parameter_summary, peak_flops, run_info
 from .optim import build_optimizer, carry_state, prune_adapter_moments
 from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
@@ -413,11 +414,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        with self.accelerator.autocast():
-            losses = [self.model(input_ids=b.to(self.device), labels=b.to(self.device)).loss.float()
-                      for b in self.eval_batches]
-        return torch.stack(losses).mean().item()
+        return held_out_loss(self.model, self.eval_batches, self.device, self.recipe.training.dtype == "bf16")
 
     # ----------------------------------------------------------------------------------------------
     # reporting

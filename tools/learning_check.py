@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from results import record  # noqa: E402  (tools/ is on sys.path when run as a script)
 
-from qrelora.cli import _quiet_dependencies  # noqa: E402
+from qrelora.cli import quiet_dependencies  # noqa: E402
 from qrelora.config import load_recipe  # noqa: E402
 from qrelora.monitor import PlainLog  # noqa: E402
 from qrelora.train import Trainer  # noqa: E402
@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--only", nargs="*", help="run only the named variants (substring match)")
     # Any --section.key=value argument is a recipe override applied to every variant.
     args, args.set = ap.parse_known_args()
-    _quiet_dependencies()
+    quiet_dependencies()
     base = load_recipe(args.recipe, args.set)
     steps, warm = base.training.steps, base.relora.warm_start_steps
     rows = []

@@ -47,12 +47,12 @@ def child(args) -> None:
     """Run one variant in this process and print one JSON line with what was measured."""
     import torch
 
-    from qrelora.cli import _quiet_dependencies
+    from qrelora.cli import quiet_dependencies
     from qrelora.config import load_recipe
     from qrelora.monitor import PlainLog, memory_gib
     from qrelora.train import Trainer
 
-    _quiet_dependencies()
+    quiet_dependencies()
     steps = args.steps
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"--run.output_dir={tmp}", f"--training.steps={steps}", "--training.warmup_steps=2",

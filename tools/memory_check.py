@@ -39,11 +39,11 @@ def main():
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
-    from qrelora.cli import _quiet_dependencies
+    from qrelora.cli import quiet_dependencies
     from qrelora.config import load_recipe
     from qrelora.memory import Estimator, category_comparison, comparison, measure, vocab_size_of
 
-    _quiet_dependencies()
+    quiet_dependencies()
     body = [f"Each setting: the estimate, then {args.steps} real CPU steps of the same recipe (half full-rank, "
             "half ReLoRA ending in a merge) with every tensor tracked. MiB; error = (estimated - measured) / "
             "measured peak of the run.", ""]

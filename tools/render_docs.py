@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-from qrelora.cli import _quiet_dependencies  # noqa: E402
+from qrelora.cli import quiet_dependencies  # noqa: E402
 from qrelora.config import load_recipe  # noqa: E402
 from qrelora.monitor import RichLog  # noqa: E402
 from qrelora.train import Trainer  # noqa: E402
@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=240)
     args = ap.parse_args()
-    _quiet_dependencies()
+    quiet_dependencies()
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
     warm = args.steps // 3
