@@ -33,6 +33,7 @@ import torch
 
 from . import config as cfgmod
 from .errors import BadInput
+from .files import apply_umask, fsync_dir, publish
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -42,14 +43,6 @@ MODEL_FILES = ("model.safetensors", "trainer.json", "config.toml")  # what eval 
 
 class CheckpointError(BadInput):
     """A checkpoint that cannot be used for this recipe; the message says why and what to do."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -84,11 +77,9 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     save_tree(tmp / "rng.safetensors", rng)
     _write(tmp / "trainer.json", json.dumps(trainer_state, indent=1).encode())
     _write(tmp / "config.toml", cfgmod.to_toml(recipe).encode())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. interrupted right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(checkpoints_dir)
+    apply_umask(tmp)
+    fsync_dir(tmp)
+    publish(tmp, final, durable=True)  # replaces the same step saved again (interrupted right after a save)
     for old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

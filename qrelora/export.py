@@ -14,6 +14,7 @@ from torch import nn
 from . import checkpoint
 from . import config as cfgmod
 from .data import DataError, build_data, is_local, load_tokenizer
+from .files import apply_umask, publish
 from .models import build_model, held_out_loss
 from .relora import ReLoRALinear, add_adapters
 
@@ -48,16 +49,6 @@ def _no_progress_bars():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-
-
-def _apply_umask(directory: Path) -> None:
-    """safetensors creates its files with mode 600 whatever the umask; give every file the mode open() gives
-    (666 less the umask), like the config and tokenizer files beside it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in directory.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~umask)
 
 
 def load_checkpoint_model(path: Path, data: str | None = None):
@@ -110,10 +101,8 @@ def export(checkpoint_path: Path, out_dir: Path, dtype: str = "bf16") -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / EXPORT_RECIPE).write_text(cfgmod.to_toml(recipe), encoding="utf-8")
-    _apply_umask(tmp)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    apply_umask(tmp)
+    publish(tmp, out_dir)  # out_dir is absent or empty (checked above)
     return out_dir
 
 

@@ -155,6 +155,8 @@ def test_one_run_per_directory(tmp_path, capsys):
 def test_a_finished_run_is_left_alone_and_can_be_extended(tmp_path, capsys):
     run = tmp_path / "run"
     assert train(run) == 0
+    ckpt_modes = {p.stat().st_mode & 0o777 for p in (run / "checkpoints" / "step_00000012").iterdir()}
+    assert len(ckpt_modes) == 1  # safetensors alone would write its files 600, the others 644
     before = snapshot(run)
     capsys.readouterr()
 
