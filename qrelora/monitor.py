@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, TextIO
 
@@ -50,6 +51,62 @@ class MetricsFile:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class RunReport:
+    """What a run reports, in one place: metrics.jsonl records stamped with where the run is (`where()`
+    gives the step and tokens), and the matching lines of the log."""
+
+    def __init__(self, log: PlainLog, metrics: MetricsFile | None, where: Callable[[], dict[str, int]]):
+        self.log, self.metrics, self.where = log, metrics, where
+
+    def record(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(self.where() | record)
+
+    def event(self, record: dict[str, Any], text: str) -> None:
+        self.record(record)
+        self.log.event(text)
+
+    def eval(self, loss: float, seconds: float) -> float:
+        r = {"step": self.where()["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)), "eval_s": seconds}
+        self.record(r)
+        self.log.eval(r)
+        return loss
+
+    def metrics_offset(self) -> int:
+        """Bytes of metrics.jsonl written so far (a checkpoint records it: a resumed run drops what follows)."""
+        return self.metrics.tell() if self.metrics is not None else 0
+
+    def close(self) -> None:
+        self.log.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+class Throughput:
+    """Tokens/s, step time, MFU and ETA over the steps since the last log line."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, device: torch.device, processes: int,
+                 total_steps: int, first_step: int):
+        self.device, self.tokens_per_step, self.flops_per_token = device, tokens_per_step, flops_per_token
+        self.peak = peak_flops(device)
+        self.processes, self.total_steps = processes, total_steps
+        self.timer, self.started, self.first_step = Timer(), time.perf_counter(), first_step
+        self.last_step = first_step
+
+    def window(self, step: int) -> dict[str, float]:
+        seconds, steps = self.timer.lap(), max(step - self.last_step, 1)
+        self.last_step = step
+        r = {"tokens_per_s": steps * self.tokens_per_step / seconds, "step_s": seconds / steps,
+             "mem_gib": memory_gib(self.device)}
+        if self.peak:
+            r["mfu"] = r["tokens_per_s"] * self.flops_per_token / (self.peak * self.processes)
+        return r
+
+    def eta_s(self, step: int) -> float:
+        rate = (step - self.first_step) / (time.perf_counter() - self.started)
+        return (self.total_steps - step) / rate if rate > 0 else float("inf")
 
 
 def run_info(trainer) -> dict[str, str]:

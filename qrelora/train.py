@@ -27,7 +27,7 @@ from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
 from .models import (build_model, count_parameters, enable_activation_checkpointing, fp32_model_bytes, held_out_loss,
                      materialize)
-from .monitor import MetricsFile, PlainLog, Timer, effective_rank, memory_gib, parameter_summary, peak_flops, run_info
+from .monitor import MetricsFile, PlainLog, RunReport, Throughput, effective_rank, parameter_summary, run_info
 from .optim import build_optimizer, carry_state, prune_adapter_moments
 from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
 from .rundir import RunDirLocked, RunLock, check_free_disk, check_writable, plan_run
@@ -167,33 +167,6 @@ class StopRequest:
         return False
 
 
-class Throughput:
-    """Tokens/s, step time, MFU and ETA over the steps since the last log line."""
-
-    def __init__(self, trainer: "Trainer", total_steps: int):
-        self.device = trainer.device
-        self.tokens_per_step = trainer.tokens_per_step
-        self.flops_per_token = trainer.flops_per_token()
-        self.peak = peak_flops(trainer.device)
-        self.processes = trainer.accelerator.num_processes
-        self.total_steps = total_steps
-        self.timer, self.started, self.first_step = Timer(), time.perf_counter(), trainer.state.step
-        self.last_step = trainer.state.step
-
-    def window(self, step: int) -> dict[str, float]:
-        seconds, steps = self.timer.lap(), max(step - self.last_step, 1)
-        self.last_step = step
-        r = {"tokens_per_s": steps * self.tokens_per_step / seconds, "step_s": seconds / steps,
-             "mem_gib": memory_gib(self.device)}
-        if self.peak:
-            r["mfu"] = r["tokens_per_s"] * self.flops_per_token / (self.peak * self.processes)
-        return r
-
-    def eta_s(self, step: int) -> float:
-        rate = (step - self.first_step) / (time.perf_counter() - self.started)
-        return (self.total_steps - step) / rate if rate > 0 else float("inf")
-
-
 def no_phases(name: str) -> contextlib.AbstractContextManager:
     """The trainer marks the parts of a step (forward, backward, optimizer step, merge) with
     `self.phases(name)`, a hook for instrumentation: the memory profiler sets its own to measure each
@@ -254,19 +227,14 @@ class Trainer:
         self.bad_steps_in_a_row = 0
         self.phases = no_phases
 
-        model = build_model(recipe.model, vocab_size=len(self.tokenizer), seq_len=recipe.data.seq_len, seed=t.seed,
-                            eos_id=self.tokenizer.eos_token_id, device=self._build_device())
-        if t.activation_checkpointing:
-            enable_activation_checkpointing(model)
         saved = None
         if resume_from is not None:
             saved = checkpoint.load_files(resume_from, allow_pickle=recipe.checkpoint.allow_pickle)
             if checkpoint.is_legacy(resume_from):
                 self.log.event(f"warning: read the pickled optimizer and RNG states of {resume_from} "
                                "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
-        if self.relora.switch_due(0) or (saved and saved.trainer["relora_active"]):
-            self.relora.convert(model, self.device)
-        materialize(model, self.device)  # what a meta-device build has left: embeddings, norms, head
+        relora_now = self.relora.switch_due(0) or bool(saved and saved.trainer["relora_active"])
+        model = build_run_model(recipe, self.tokenizer, self.device, self.relora if relora_now else None)
         check_free_disk(self.run_dir, checkpoint.estimate_bytes(model))
         self._prepare(model)
 
@@ -278,9 +246,10 @@ class Trainer:
             self._load(saved, metrics_path)
         elif metrics_path.exists():
             metrics_path.unlink()  # a fresh run: the old run's records would read as this one's
-        self.metrics = None
+        metrics = None
         if self.accelerator.is_main_process:
-            self.metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
+            metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
+        self.report = RunReport(self.log, metrics, lambda: {"step": self.state.step, "tokens": self.state.tokens})
 
     def _take_lock(self) -> None:
         """The main process locks the run directory; every process learns whether it could."""
@@ -315,7 +284,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             trainer_state = dataclasses.asdict(self.state) | {
                 "relora_active": self.relora.active, "data": self.data.state_dict(),
-                "metrics_offset": self.metrics.tell() if self.metrics else 0, "plan": self.plan}
+                "metrics_offset": self.report.metrics_offset(), "plan": self.plan}
             path = checkpoint.save(self.checkpoints_dir, self.state.step, self.unwrapped.state_dict(),
                                    self.optimizer.state_dict(), trainer_state, self.recipe,
                                    self.recipe.checkpoint.keep_last)
@@ -341,17 +310,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # set-up
 
-    def _build_device(self) -> torch.device:
-        """Initialise the model on the accelerator when its fp32 weights take under half the free memory
-        (minutes faster for billion-parameter models). A bigger model that goes straight to ReLoRA is built
-        on the meta device and initialised one layer at a time as the conversion quantizes it, so it never
-        exists whole in fp32; otherwise it is built in host memory."""
-        cpu = torch.device("cpu")
-        if self.device.type != "cuda" or self.recipe.model.init_from:
-            return cpu
-        return build_device_for(fp32_model_bytes(self.recipe.model, len(self.tokenizer), self.recipe.data.seq_len),
-                                torch.cuda.mem_get_info(self.device)[0], self.relora.switch_due(0), self.device)
-
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed until the next prepare
@@ -371,7 +329,7 @@ class Trainer:
         self.relora.convert(model, self.device)
         self._prepare(model, old_optimizer)
         del old_optimizer
-        self._event({"event": "relora_start", "switch_s": time.perf_counter() - t0},
+        self.report.event({"event": "relora_start", "switch_s": time.perf_counter() - t0},
                     f"switched to ReLoRA at step {self.state.step}: {parameter_summary(self.unwrapped)} "
                     f"({time.perf_counter() - t0:.1f} s)")
 
@@ -419,23 +377,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # reporting
 
-    def _record(self, record: dict) -> None:
-        if self.metrics is not None:
-            self.metrics.write({"step": self.state.step, "tokens": self.state.tokens} | record)
-
-    def _event(self, record: dict, text: str) -> None:
-        self._record(record)
-        self.log.event(text)
-
-    def _eval_and_log(self) -> float:
-        t0 = time.perf_counter()
-        loss = self.evaluate()
-        r = {"step": self.state.step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50)),
-             "eval_s": time.perf_counter() - t0}
-        self._record(r)
-        self.log.eval(r)
-        return loss
-
     # ----------------------------------------------------------------------------------------------
     # the loop
 
@@ -445,15 +386,16 @@ class Trainer:
         self.log.start(t.steps, self.state.step)
         if self.extended:
             at, total = self.plan[-1]
-            self._event({"event": "extend", "from_steps": self.plan[-2][1], "to_steps": total,
+            self.report.event({"event": "extend", "from_steps": self.plan[-2][1], "to_steps": total,
                          "lr_at_step": self.schedule(at)}, f"extended: {self.schedule.describe_extension()}")
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
         else:
-            first_eval = eval_loss = self._eval_and_log()
+            first_eval = eval_loss = self.report.eval(*timed(self.evaluate))
         started = time.perf_counter()
-        self.throughput = Throughput(self, t.steps)
+        self.throughput = Throughput(self.tokens_per_step, self.flops_per_token(), self.device,
+                                     self.accelerator.num_processes, t.steps, self.state.step)
         try:
             with StopRequest() as stop:
                 while self.state.step < t.steps:
@@ -463,17 +405,15 @@ class Trainer:
                     if self.state.step % t.log_every == 0 or self.state.step == t.steps:
                         self._log_step(record)
                     if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
-                        eval_loss = self._eval_and_log()
+                        eval_loss = self.report.eval(*timed(self.evaluate))
                     if stop.signal_name:
                         self._stop(stop.signal_name)
                     if ckpt.every and self.state.step % ckpt.every == 0 and self.state.step < t.steps:
                         self._save_and_log()
-                eval_loss = self._eval_and_log()
+                eval_loss = self.report.eval(*timed(self.evaluate))
                 self._save_and_log()
         finally:
-            self.log.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            self.report.close()
             self.lock.release()
         wall = time.perf_counter() - started
         change = f"{eval_loss:.4f}" if math.isnan(first_eval) else f"{first_eval:.4f} -> {eval_loss:.4f}"
@@ -510,14 +450,14 @@ class Trainer:
         with self.phases("merge"):
             m = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
         ranks = ", ".join(str(v) for v in m.effective_rank.values())
-        self._event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
+        self.report.event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
                                 f"|sBA|/|W| {m.update_ratio:.2e}, codes changed {m.codes_changed:.2%}, "
                                 f"moments zeroed {m.moments_zeroed:.2%}, effective rank of the update so far "
                                 f"{ranks} (sampled layers, 90% energy)")
 
     def _log_step(self, step: StepRecord) -> None:
         r = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm} | self.throughput.window(self.state.step)
-        self._record(r)
+        self.report.record(r)
         total = self.recipe.training.steps
         self.log.step({"step": self.state.step} | r, total, self.throughput.eta_s(self.state.step),
                       self.relora.status(self.state.step, total))
@@ -537,14 +477,14 @@ class Trainer:
     def _save_and_log(self) -> None:
         t0 = time.perf_counter()
         path = self.save_checkpoint()
-        self._event({"event": "checkpoint", "path": str(path), "checkpoint_s": time.perf_counter() - t0},
+        self.report.event({"event": "checkpoint", "path": str(path), "checkpoint_s": time.perf_counter() - t0},
                     f"checkpoint at step {self.state.step}: {path} ({time.perf_counter() - t0:.1f} s)")
 
     def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient: the update is dropped (optimizer untouched), the batch is spent."""
         self.bad_steps_in_a_row += 1
         limit = self.recipe.training.max_bad_steps
-        self._event({"event": "skipped_step", "loss": loss, "grad_norm": grad_norm,
+        self.report.event({"event": "skipped_step", "loss": loss, "grad_norm": grad_norm,
                      "in_a_row": self.bad_steps_in_a_row},
                     f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.state.step + 1}: "
                     f"update skipped ({self.bad_steps_in_a_row} in a row, stopping at {limit})")
@@ -554,6 +494,36 @@ class Trainer:
                 f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
                 f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
                 "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+
+def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReLoRAPhase | None) -> nn.Module:
+    """The model a run starts from: built where build_device_for says (on the accelerator when its fp32
+    weights take under half the free memory; a bigger one that goes straight to ReLoRA on the meta device,
+    initialised one layer at a time as the conversion quantizes it, so it never exists whole in fp32),
+    with activation checkpointing, and in ReLoRA form when `relora` is given."""
+    model = build_model(recipe.model, vocab_size=len(tokenizer), seq_len=recipe.data.seq_len,
+                        seed=recipe.training.seed, eos_id=tokenizer.eos_token_id,
+                        device=initial_device(recipe, len(tokenizer), device, relora is not None))
+    if recipe.training.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if relora is not None:
+        relora.convert(model, device)
+    materialize(model, device)  # what a meta-device build has left: embeddings, norms, head
+    return model
+
+
+def initial_device(recipe: Recipe, vocab_size: int, device: torch.device, relora_from_start: bool) -> torch.device:
+    """Where the model is initialised: host memory, unless the run is on CUDA (see build_device_for)."""
+    if device.type != "cuda" or recipe.model.init_from:
+        return torch.device("cpu")
+    return build_device_for(fp32_model_bytes(recipe.model, vocab_size, recipe.data.seq_len),
+                            torch.cuda.mem_get_info(device)[0], relora_from_start, device)
+
+
+def timed(fn):
+    """(fn(), the seconds it took)."""
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
 
 
 def train(recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None) -> dict:

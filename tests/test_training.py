@@ -11,6 +11,7 @@ import pytest
 
 from qrelora.config import load_recipe
 from qrelora.monitor import PlainLog
+import qrelora.train
 from qrelora.train import Trainer
 
 from test_schedule import reference_lr
@@ -140,7 +141,7 @@ def test_a_model_built_layer_by_layer_from_meta_is_initialised_like_a_fresh_one(
 def test_trainer_builds_layer_by_layer_when_the_fp32_model_would_not_fit(tmp_path, monkeypatch):
     """The path a 7B model takes into a 24 GB card, taken here on CPU: from step 0 the run is ReLoRA and
     the model is built on the meta device, each layer initialised and quantized in turn."""
-    monkeypatch.setattr(Trainer, "_build_device", lambda self: torch.device("meta"))
+    monkeypatch.setattr(qrelora.train, "initial_device", lambda *args: torch.device("meta"))
     recipe, result, records, log = run(tmp_path, "--training.steps=8", "--training.warmup_steps=2",
                                        "--relora.warm_start_steps=0", "--relora.restart_every=4",
                                        "--relora.restart_warmup=2")
