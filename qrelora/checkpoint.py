@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .errors import BadInput
@@ -60,8 +62,6 @@ def _fsync_file(path: Path) -> None:
 def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
          trainer_state: dict[str, Any], recipe: cfgmod.Recipe, keep_last: int) -> Path:
     """Write a checkpoint atomically and prune older ones beyond keep_last."""
-    from safetensors.torch import save_file
-
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
     tmp = checkpoints_dir / f".tmp-step_{step:08d}-{os.getpid()}"
@@ -173,8 +173,6 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
 
 def load_model_state(path: Path) -> SavedState:
     """The model tensors and trainer state of a checkpoint (all that eval and export need)."""
-    from safetensors.torch import load_file
-
     try:
         return SavedState(model=load_file(str(path / "model.safetensors")), trainer=_read_json(path / "trainer.json"))
     except Exception as e:  # noqa: BLE001 - a damaged file of any kind
@@ -241,8 +239,6 @@ def save_tree(path: Path, tree: Any) -> None:
     The structure goes into the header's metadata as JSON, tagged so that tuples and non-string dict keys
     (torch optimizers key their state by parameter index) come back as they were.
     """
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(obj: Any) -> Any:
@@ -271,8 +267,6 @@ def save_tree(path: Path, tree: Any) -> None:
 
 def load_tree(path: Path) -> Any:
     """The structure save_tree stored; raises ValueError on anything it would not have written."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}

@@ -138,6 +138,13 @@ def run_info(trainer) -> dict[str, str]:
     return info
 
 
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Training FLOPs per token: forward and input-gradient matmuls touch every weight (4 FLOPs each),
+    weight gradients only the trainable ones (2 more); attention scores are left out."""
+    total, trainable = count_parameters(model)
+    return 4 * total + 2 * trainable
+
+
 def parameter_summary(model: torch.nn.Module) -> str:
     total, trainable = count_parameters(model)
     frozen, frozen_n = frozen_bytes(model)

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
 from . import checkpoint
 from .config import Recipe
 from .errors import EXIT_OK, BadInput, QreloraError
@@ -108,6 +110,22 @@ def _locked_message(run_dir: Path, holder: dict) -> str:
     return (f"run directory {run_dir} is in use by {who}. Two runs writing one directory would overwrite each "
             "other's checkpoints and metrics, so this one was not started. Wait for that run to finish (or stop "
             "it), or use another directory with --run.output_dir=PATH.")
+
+
+def lock_run_dir(run_dir: Path, accelerator) -> RunLock:
+    """Lock the run directory from the main process; under data parallelism every process learns whether
+    it could (and raises RunDirLocked if not)."""
+    lock, refused = RunLock(run_dir), None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunDirLocked as e:
+            refused = str(e)
+    if accelerator.num_processes > 1:
+        refused = broadcast_object_list([refused])[0]
+    if refused:
+        raise RunDirLocked(refused)
+    return lock
 
 
 class RunDirError(BadInput):

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
 from torch import nn
 
 from . import checkpoint
@@ -25,12 +28,12 @@ from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
 from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
-from .models import (build_model, count_parameters, enable_activation_checkpointing, fp32_model_bytes, held_out_loss,
-                     materialize)
-from .monitor import MetricsFile, PlainLog, RunReport, Throughput, effective_rank, parameter_summary, run_info
+from .models import build_model, enable_activation_checkpointing, fp32_model_bytes, held_out_loss, materialize
+from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
+                      run_info)
 from .optim import build_optimizer, carry_state, prune_adapter_moments
 from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
-from .rundir import RunDirLocked, RunLock, check_free_disk, check_writable, plan_run
+from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
 
@@ -178,10 +181,6 @@ class Trainer:
     def __init__(self, recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None):
         """extend_to: continue the run in recipe's run directory to this many steps in all (a longer or
         shorter plan than the one it was started with); its schedule's tail is recomputed from there."""
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import set_seed
-
         check_device(recipe)
         self.recipe = recipe
         t = recipe.training
@@ -203,8 +202,7 @@ class Trainer:
         if self.plan[-1][1] != t.steps:
             recipe = self.recipe = dataclasses.replace(recipe, training=dataclasses.replace(t, steps=self.plan[-1][1]))
         check_writable(self.run_dir)
-        self.lock = RunLock(self.run_dir)
-        self._take_lock()
+        self.lock = lock_run_dir(self.run_dir, self.accelerator)
         try:
             self._build(recipe, resume_from)
         except BaseException:
@@ -250,21 +248,6 @@ class Trainer:
         if self.accelerator.is_main_process:
             metrics = MetricsFile(metrics_path, self.run_dir / "tensorboard" if recipe.run.tensorboard else None)
         self.report = RunReport(self.log, metrics, lambda: {"step": self.state.step, "tokens": self.state.tokens})
-
-    def _take_lock(self) -> None:
-        """The main process locks the run directory; every process learns whether it could."""
-        from accelerate.utils import broadcast_object_list
-
-        refused = None
-        if self.accelerator.is_main_process:
-            try:
-                self.lock.acquire()
-            except RunDirLocked as e:
-                refused = str(e)
-        if self.accelerator.num_processes > 1:
-            refused = broadcast_object_list([refused])[0]
-        if refused:
-            raise RunDirLocked(refused)
 
     def close(self) -> None:
         """Release the run directory, the data-parallel wrapper, then the process group. Left to interpreter
@@ -394,7 +377,7 @@ class Trainer:
         else:
             first_eval = eval_loss = self.report.eval(*timed(self.evaluate))
         started = time.perf_counter()
-        self.throughput = Throughput(self.tokens_per_step, self.flops_per_token(), self.device,
+        self.throughput = Throughput(self.tokens_per_step, flops_per_token(self.unwrapped), self.device,
                                      self.accelerator.num_processes, t.steps, self.state.step)
         try:
             with StopRequest() as stop:
@@ -467,12 +450,6 @@ class Trainer:
         self.log.event(f"{signal_name} received: stopped after step {self.state.step}, checkpoint saved to {path}. "
                        "Resume with the same command (checkpoint.resume = \"auto\").")
         raise TrainingInterrupted(str(path))
-
-    def flops_per_token(self) -> float:
-        """Forward and input-gradient matmuls touch every weight (4 FLOPs each), weight gradients only the
-        trainable ones (2 more); attention scores are left out."""
-        total, trainable = count_parameters(self.unwrapped)
-        return 4 * total + 2 * trainable
 
     def _save_and_log(self) -> None:
         t0 = time.perf_counter()
