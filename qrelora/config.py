@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .data import is_local
 from .errors import BadInput
 from .models import model_dims
 from .optim import OPTIMIZERS, RESETS
@@ -396,8 +397,8 @@ def validate(r: Recipe) -> list[str]:
     need(bool(d.tokenizer), "data", "tokenizer", 'must be "sample", a local directory or a hub tokenizer name')
     for key in ("dataset", "tokenizer"):
         value = getattr(d, key)
-        if _looks_like_path(value):
-            need(Path(value).exists(), "data", key, "path does not exist")
+        if is_local(value):
+            need(Path(value).expanduser().exists(), "data", key, "path does not exist")
 
     need(t.steps >= 1, "training", "steps", "must be >= 1")
     need(t.micro_batch_size >= 1, "training", "micro_batch_size", "must be >= 1")
@@ -561,9 +562,6 @@ def _whole_cycles_fix(r: Recipe, relora_steps: int) -> str:
     return fix
 
 
-def _looks_like_path(spec: str) -> bool:
-    """Local paths start with ./ ../ / ~ or end in a data-file suffix; hub names are 'owner/name'."""
-    return spec.startswith(("/", "./", "../", "~")) or spec.endswith((".txt", ".jsonl", ".json", ".parquet"))
 
 
 # --------------------------------------------------------------------------------------------------

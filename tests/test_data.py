@@ -12,7 +12,7 @@ import torch
 
 from qrelora import data
 from qrelora.config import DataConfig
-from qrelora.data import DataError, PackedTokenData, StreamingTokenData, build_data, load_tokenizer
+from qrelora.data import DataError, PackedTokenData, StreamingTokenData, build_data, hub, load_tokenizer
 
 _USER_CACHE = os.environ.get("QRELORA_CACHE")
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
@@ -203,7 +203,7 @@ def test_hub_path_with_a_local_stand_in(monkeypatch, tokenizer, with_validation)
         return datasets.IterableDatasetDict(splits)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data, "hub_problem", lambda kind, name: None)  # the stand-in hub has it
+    monkeypatch.setattr(hub, "hub_problem", lambda kind, name: None)  # the stand-in hub has it
     cfg = DataConfig(dataset="someone/corpus", dataset_config="en", tokenizer="unused", seq_len=32, eval_tokens=128)
     a = build_data(cfg, tokenizer, seed=1)
     assert isinstance(a, StreamingTokenData) and a.train_tokens is None and a.eval_tokens == 128

@@ -13,7 +13,7 @@ import pytest
 from qrelora import data as datamod
 from qrelora.cli import main
 from qrelora.config import load_recipe
-from qrelora.data import DataError, build_data, load_tokenizer
+from qrelora.data import DataError, build_data, hub, load_tokenizer
 from qrelora.monitor import PlainLog
 from qrelora.train import Trainer
 
@@ -97,7 +97,7 @@ def test_an_unknown_hub_dataset_fails_in_seconds_without_retries(tmp_path, capfd
     t0 = time.perf_counter()
     with pytest.raises(DataError) as e:
         build_data(recipe.data, load_tokenizer("sample"), 0)
-    assert time.perf_counter() - t0 < datamod.HUB_PROBE_TIMEOUT_S + 3
+    assert time.perf_counter() - t0 < hub.HUB_PROBE_TIMEOUT_S + 3
     assert "could not be reached" in str(e.value) or "has no dataset named" in str(e.value)
     assert "Retrying" not in capfd.readouterr().err
 
@@ -116,7 +116,7 @@ def test_a_hub_that_does_not_answer_is_given_up_on_after_the_probe_timeout(tmp_p
 
     release = threading.Event()
     monkeypatch.setattr(HfApi, "dataset_info", lambda self, name, timeout=None: release.wait(30))  # a hung resolver
-    monkeypatch.setattr(datamod, "HUB_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(hub, "HUB_PROBE_TIMEOUT_S", 0.2)
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset would retry for 23 s"))
