@@ -196,8 +196,8 @@ def load_files(path: Path, allow_pickle: bool = False) -> SavedState:
         if legacy:
             raise CheckpointError(
                 f"checkpoint {path}: its optimizer.pt / rng.pt hold something other than tensors and plain values "
-                f"({type(e).__name__}: {_first_line(e)}), so they were not loaded. Do not use this checkpoint; "
-                "start afresh with --checkpoint.resume=never.") from None
+                f"(torch's allow-listed unpickler refused them: {type(e).__name__}), so they were not loaded and "
+                "nothing in them ran. Do not use this checkpoint; start afresh with --checkpoint.resume=never.") from None
         raise _unreadable(path, e) from None
     return saved
 
@@ -222,11 +222,6 @@ def read_progress(path: Path) -> tuple[int, list[tuple[int, int]]]:
         return int(trainer["step"]), [(int(at), int(total)) for at, total in plan]
     except Exception as e:  # noqa: BLE001
         raise _unreadable(path, e) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""
 
 
 # --------------------------------------------------------------------------------------------------
