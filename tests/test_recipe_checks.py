@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import qrelora.memory
+import qrelora.memory.estimate
+import qrelora.memory.train_checks
 import qrelora.monitor  # noqa: F401 - imported by `train`; here so the timing below measures the checks only
 import qrelora.train  # noqa: F401
 from qrelora import checkpoint
@@ -107,7 +108,7 @@ def test_init_from_without_a_usable_config_is_named(tmp_path):
 
 def test_estimate_above_available_host_memory_is_refused_before_anything_is_written(tmp_path, capsys,
                                                                                      monkeypatch):
-    monkeypatch.setattr(qrelora.memory, "available_host_bytes", lambda: 40 * 2**20)
+    monkeypatch.setattr(qrelora.memory.train_checks, "available_host_bytes", lambda: 40 * 2**20)
     code, err = _train(tmp_path, capsys, *SMALL, "--training.micro_batch_size=16")
     assert code == 2, err
     assert "MiB of host memory at its peak" in err and "this machine has 40.0 MiB available" in err
@@ -119,14 +120,15 @@ def test_estimate_above_available_host_memory_is_refused_before_anything_is_writ
 def test_cuda_run_is_checked_against_the_gpu_and_the_host(tmp_path, monkeypatch):
     """The CUDA branches on a CPU machine: the estimate is made on fake tensors for a CUDA device either way."""
     recipe = load_recipe(TINY, [*SMALL, f"--run.output_dir={tmp_path}"])
-    monkeypatch.setattr(qrelora.memory, "device_type", lambda r: "cuda")
-    monkeypatch.setattr(qrelora.memory, "device_total_bytes", lambda: 20 * 2**20)
+    monkeypatch.setattr(qrelora.memory.train_checks, "device_type", lambda r: "cuda")  # the check's branches
+    monkeypatch.setattr(qrelora.memory.estimate, "device_type", lambda r: "cuda")  # the Estimator's figures
+    monkeypatch.setattr(qrelora.memory.train_checks, "device_total_bytes", lambda: 20 * 2**20)
     refusal = qrelora.memory.preflight(recipe, str(TINY), SMALL)
     assert "GiB of GPU memory at its peak" in refusal and "the GPU has 20.0 MiB in all" in refusal
     assert "Not even a micro-batch of one sequence fits" in refusal and "--budget 20MiB" in refusal
-    monkeypatch.setattr(qrelora.memory, "device_total_bytes", lambda: 80 * 2**30)
+    monkeypatch.setattr(qrelora.memory.train_checks, "device_total_bytes", lambda: 80 * 2**30)
     assert qrelora.memory.preflight(recipe, str(TINY), SMALL) is None
-    monkeypatch.setattr(qrelora.memory, "available_host_bytes", lambda: 100 * 2**10)
+    monkeypatch.setattr(qrelora.memory.train_checks, "available_host_bytes", lambda: 100 * 2**10)
     refusal = qrelora.memory.preflight(recipe, str(TINY), SMALL)
     assert "besides the GPU, this run needs an estimated" in refusal and "master copy" in refusal
     assert "--quant.master=mmap" in refusal
