@@ -562,8 +562,6 @@ def _whole_cycles_fix(r: Recipe, relora_steps: int) -> str:
     return fix
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing the resolved recipe
 
