@@ -56,7 +56,8 @@ def main():
         run = Path(tmp) / "tiny"
         recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
             f"--run.output_dir={run}", f"--training.steps={warm + 4 * every}", f"--relora.warm_start_steps={warm}",
-            f"--relora.restart_every={every}", "--training.log_every=5", f"--training.eval_every={every}"])
+            f"--relora.restart_every={every}", "--training.warmup_steps=50", "--training.log_every=5",
+            f"--training.eval_every={every}"])
         console = Console(width=150, force_terminal=True, color_system="truecolor")
         at = warm + 2 * every + every // 2
         Trainer(recipe, SnapshotLog(console, at, docs / "live.svg")).run()
