@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .errors import BadInput
-from .files import apply_umask, fsync_dir, publish
+from .files import apply_umask, fsync_dir, fsync_file, publish
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -54,11 +54,6 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
          trainer_state: dict[str, Any], recipe: cfgmod.Recipe, keep_last: int) -> Path:
     """Write a checkpoint atomically and prune older ones beyond keep_last."""
@@ -69,7 +64,7 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(tensors, tmp / "model.safetensors")
-    _fsync_file(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     save_tree(tmp / "optimizer.safetensors", optimizer_state)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -257,7 +252,7 @@ def save_tree(path: Path, tree: Any) -> None:
     tensors = {k: t.clone() if t.numel() and storages[t.untyped_storage().data_ptr()] > 1 else t
                for k, t in tensors.items()}
     save_file(tensors, path, metadata={"qrelora_tree": json.dumps(structure)})
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def load_tree(path: Path) -> Any:

@@ -40,6 +40,12 @@ def apply_umask(directory: Path) -> None:
             os.chmod(f, 0o666 & ~umask)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file written by a library that does not (safetensors) to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
