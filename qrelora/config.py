@@ -128,6 +128,10 @@ class ReLoRAConfig:
     """Optimizer steps between merges, or a fraction of training.steps (e.g. 0.1)."""
     restart_warmup: int = 50
     """Linear learning-rate re-warm-up after each restart."""
+    lr_ratio: float = 1.0
+    """The ReLoRA phase runs at lr_ratio times the schedule of training.lr (the paper uses 1.5-2x the
+    full-rank rate for the low-rank phase). The cosine envelope is the same one; the switch from the warm
+    start re-warms from zero over restart_warmup steps like every restart, so the rate never jumps."""
     warm_start_steps: int = 0
     """Full-rank steps before switching to ReLoRA, or a fraction of training.steps (e.g. 0.33: rounded so the
     ReLoRA phase is a whole number of cycles)."""
@@ -431,6 +435,9 @@ def validate(r: Recipe) -> list[str]:
                  f"{_shown(r, 'relora', 'restart_every')}, when ReLoRA starts at step 0; set it below "
                  f"{rl.restart_every} (e.g. --training.warmup_steps={rl.restart_every // 2})")
         need(0 <= rl.reset_ratio <= 1, "relora", "reset_ratio", "must be in [0, 1]")
+        need(0 < rl.lr_ratio <= 10 and rl.lr_ratio * t.lr <= 1, "relora", "lr_ratio",
+             f"must be in (0, 10] with lr_ratio * training.lr <= 1 (training.lr = {t.lr:g}); the paper's range "
+             "is 1.5-2")
     if (q.bits, q.type) not in STORAGE_FORMATS and (q.bits, None) not in STORAGE_FORMATS:
         types = sorted(t for b, t in STORAGE_FORMATS if b == q.bits and t is not None)
         need(False, "quant", "type", f"is not a {q.bits}-bit storage; {q.bits}-bit types are {', '.join(types)}")

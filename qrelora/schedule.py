@@ -22,6 +22,8 @@ class JaggedCosine:
     restart_warmup: int = 0
     relora_start: int = 0
     """First step of the ReLoRA phase (the warm-start length)."""
+    relora_lr_ratio: float = 1.0
+    """The ReLoRA phase follows this multiple of the envelope (relora.lr_ratio)."""
     extended_at: int = 0
     """For a run extended to total_steps: the step from which this plan holds (0: planned from the start)."""
     previous: JaggedCosine | None = None
@@ -82,7 +84,12 @@ class JaggedCosine:
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
-        return self.envelope(step) * self.restart_ramp(step)
+        return self.envelope(step) * self.restart_ramp(step) * self.phase_ratio(step)
+
+    def phase_ratio(self, step: int) -> float:
+        """relora_lr_ratio in the ReLoRA phase, 1 in the full-rank warm start. After a warm start the first
+        cycle ramps from zero (restart_ramp), so the change of rate at the switch is never a jump."""
+        return self.relora_lr_ratio if self.restart_every > 0 and step >= self.relora_start else 1.0
 
     def merges_after(self, step: int) -> bool:
         """Whether adapters are merged right after optimizer step `step` (0-based): at the end of every

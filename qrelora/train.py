@@ -219,7 +219,8 @@ class Trainer:
         self.schedule = JaggedCosine.for_plan(
             self.plan, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
             restart_every=recipe.relora.restart_every if recipe.relora.enabled else 0,
-            restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps)
+            restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps,
+            relora_lr_ratio=recipe.relora.lr_ratio)
         self.relora = ReLoRAPhase(recipe, self.run_dir)
         self.state = TrainState()
         self.bad_steps_in_a_row = 0

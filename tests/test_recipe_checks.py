@@ -233,3 +233,13 @@ def test_largest_micro_batch_on_cpu_takes_few_estimates():
     assert estimate(largest, compare_checkpointing=False).need <= estimator.budget
     assert estimate(largest + 1, compare_checkpointing=False).need > estimator.budget
     assert len(calls) <= 3 + math.ceil(math.log2(largest + 1)), calls
+
+
+@pytest.mark.parametrize("overrides", [["--relora.lr_ratio=0"], ["--relora.lr_ratio=12"],
+                                       ["--training.lr=0.2", "--relora.lr_ratio=6"]],
+                         ids=["zero", "too large", "rate above 1"])
+def test_relora_lr_ratio_range_is_checked(overrides):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(TINY, overrides)
+    assert "lr_ratio" in str(e.value) and "must be in (0, 10]" in str(e.value)
+    assert load_recipe(TINY, ["--relora.lr_ratio=1.5"]).relora.lr_ratio == 1.5

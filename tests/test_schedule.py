@@ -56,3 +56,17 @@ def test_warm_start_switch_rewarms_and_full_rank_has_no_restarts():
     plain = JaggedCosine(lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
     assert not any(plain.merges_after(s) for s in range(100))
     assert all(plain(s) == plain.envelope(s) for s in range(100))
+
+
+@pytest.mark.parametrize("start", [0, 20])
+def test_relora_phase_runs_at_lr_ratio_times_the_formula(start):
+    """relora.lr_ratio scales the ReLoRA phase only; the warm start keeps training.lr's schedule, and after a
+    warm start the first cycle still ramps up from (almost) zero, so the rate never jumps at the switch."""
+    args = dict(lr=1e-3, total=120, warmup=10, min_ratio=0.1, every=25, rw=5, start=start)
+    sched = JaggedCosine(lr=1e-3, total_steps=120, warmup_steps=10, min_lr_ratio=0.1, restart_every=25,
+                         restart_warmup=5, relora_start=start, relora_lr_ratio=2.0)
+    for s in range(120):
+        expected = reference_lr(s, **args) * (2.0 if s >= start else 1.0)
+        assert sched(s) == pytest.approx(expected, abs=1e-15), s
+    if start:
+        assert sched(start) < sched(start - 1)  # ramps from a fifth of 2x the envelope, below the warm start's

@@ -19,3 +19,22 @@ def test_measure_gpu_dry_run_measures_both_variants(tmp_path):
     assert "ReLoRA, NF4 base" in rows[0] and "full-rank" in rows[1]
     assert "| estimated allocated |" in out.stdout
     assert not (tmp_path / "RESULTS.md").exists()  # a dry run records nothing
+
+
+@pytest.mark.slow
+def test_methods_benchmark_runs_the_peers_packages(tmp_path):
+    """peft's LoRA, GaLore and APOLLO train through their own packages next to ours, and the table reports
+    the memory each keeps: the low-rank methods' trainable state is below full-rank AdamW's."""
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--quick", "--one-seed",
+                          "--only", "full-rank AdamW", "LoRA (ours)", "peft", "GaLore", "APOLLO",
+                          "--results", str(results)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {cells[1].strip(): cells for cells in (l.split("|") for l in results.read_text().splitlines())
+            if len(cells) == 10 and cells[2].strip()[:1].isdigit()}
+    assert set(rows) == {"full-rank AdamW", "LoRA (ours), 16-bit base", "LoRA (peft), 16-bit base", "GaLore",
+                         "APOLLO"}
+    state = {name: float(cells[7].split()[0]) for name, cells in rows.items()}
+    for name in ("LoRA (ours), 16-bit base", "LoRA (peft), 16-bit base", "GaLore", "APOLLO"):
+        assert state[name] < state["full-rank AdamW"], (name, state)
+    assert (tmp_path / "methods_quick.png").exists()

@@ -32,7 +32,8 @@ def schedule_of(run_dir: Path):
         t, r = cfg["training"], cfg["relora"]
         return JaggedCosine(lr=t["lr"], total_steps=t["steps"], warmup_steps=t["warmup_steps"],
                             min_lr_ratio=t["min_lr_ratio"], restart_every=r["restart_every"] if r["enabled"] else 0,
-                            restart_warmup=r["restart_warmup"], relora_start=r["warm_start_steps"])
+                            restart_warmup=r["restart_warmup"], relora_start=r["warm_start_steps"],
+                            relora_lr_ratio=r.get("lr_ratio", 1.0))
     except (ImportError, OSError, KeyError, TypeError, ValueError):
         return None
 
