@@ -157,14 +157,14 @@ def test_plotted_learning_rate_is_the_schedule_per_step_not_dips_at_log_points(t
     t, r = recipe.training, recipe.relora
     schedule = JaggedCosine(lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
                             restart_every=r.restart_every, restart_warmup=r.restart_warmup,
-                            relora_start=r.warm_start_steps)
+                            relora_start=r.warm_start_steps, relora_lr_ratio=r.lr_ratio)
     merges = [{"step": s, "event": "merge"} for s in range(16, 41, 8)]
     logged = [{"step": s, "loss": 5.0, "lr": schedule(s - 1)} for s in range(4, 41, 4)]
     assert [x["lr"] for x in logged if x["step"] in (16, 24, 32, 40)] == [0.0] * 4  # the misleading dips
     steps, lrs, source = plot_tool().lr_curve(logged + merges, tmp_path)
     assert steps == list(range(1, 41)) and "matching all 10 logged values" in source
     assert [s for s, lr in zip(steps, lrs) if lr == 0] == [1, 16, 24, 32, 40]  # warm-up start, pre-merge steps
-    assert lrs[16] < lrs[17] < lrs[18] == pytest.approx(schedule.envelope(18))  # the re-warm-up after a merge
+    assert lrs[16] < lrs[17] < lrs[18] == pytest.approx(schedule.envelope(18) * r.lr_ratio)  # the re-warm-up after a merge
     (tmp_path / "config.toml").unlink()  # no schedule to rebuild (or one that disagrees): the logged values
     steps, lrs, source = plot_tool().lr_curve(logged + merges, tmp_path)
     assert 0.0 not in lrs and steps == [4, 8, 12, 20, 28, 36] and source.startswith("logged every 4 steps")

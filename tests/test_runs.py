@@ -185,7 +185,7 @@ def test_a_finished_run_is_left_alone_and_can_be_extended(tmp_path, capsys):
     recipe = load_recipe(TINY, [f"--run.output_dir={run}", *RUN])
     # the last step of the first plan ran at lr 0 before its merge; the tail starts from the envelope's end
     # (min_lr) and eases towards the cosine planned for 20 steps over warmup_steps = 2 steps
-    min_lr = recipe.training.lr * recipe.training.min_lr_ratio
+    min_lr = recipe.training.lr * recipe.training.min_lr_ratio * recipe.relora.lr_ratio  # the ReLoRA phase's
     assert lrs[12] == 0.0 and lrs[13] == pytest.approx(min_lr)  # step 13 is a cycle's first step: ramp 1/1
     assert lrs[15] > lrs[13] and lrs[16] == 0.0
     assert [r["step"] for r in rs if r.get("event") == "merge"] == [8, 12, 16, 20]

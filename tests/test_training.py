@@ -41,6 +41,7 @@ def test_schedule_merges_and_warm_start_in_a_real_run(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 41))
     for r in steps:  # record "step" counts steps done; the lr is that of 0-based step r["step"] - 1
         expected = reference_lr(r["step"] - 1, t.lr, t.steps, t.warmup_steps, t.min_lr_ratio, 10, 3, 10)
+        expected *= recipe.relora.lr_ratio if r["step"] > 10 else 1.0  # the ReLoRA phase's multiple
         assert r["lr"] == pytest.approx(expected, abs=1e-12), r["step"]
     switch = [r for r in records if r.get("event") == "relora_start"]
     assert [r["step"] for r in switch] == [10]  # exactly at the configured step
