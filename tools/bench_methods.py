@@ -119,7 +119,7 @@ SCALES = {
 # One method in one process
 
 
-def peer_groups(model, recipe, rank: int) -> list[dict]:
+def peer_groups(model, rank: int) -> list[dict]:
     """Param groups for GaLore / APOLLO: the attention and MLP matrices get the low-rank projection, the rest
     (embeddings, norms, head) plain Adam, as in both papers' code."""
     from qrelora.relora import TARGET_MODULES
@@ -220,7 +220,7 @@ def peer_optimizer(peer: str, model, recipe, hidden: int, cycle: int):
     follow the run's schedule, which the trainer sets on every group at every step (methods() gives them 10x
     the full-rank rate, as their papers do), with the recipe's betas, eps and weight decay."""
     o = recipe.optim
-    groups = peer_groups(model, recipe, rank=max(1, hidden // 4))
+    groups = peer_groups(model, rank=max(1, hidden // 4))
     kwargs = dict(lr=recipe.training.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if peer == "galore":
         from galore_torch import GaLoreAdamW
