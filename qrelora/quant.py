@@ -568,22 +568,35 @@ class FrozenWeight(nn.Module):
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = x @ W^T for a frozen stored W. Saves nothing but a reference to the packed weight and
-    dequantizes again in backward, so no full-size copy of W outlives the forward pass."""
+    """y = x @ W^T for a frozen stored W.
+
+    Without activation checkpointing it saves only a reference to the packed weight and dequantizes again in
+    backward, so no full-size copy of W outlives the forward pass. Inside a checkpointed block (`keep_weight`)
+    it saves the dequantized W instead: the checkpoint drops it after the first forward, and the recompute that
+    runs just before the block's backward saves it again, so the backward reuses it (two dequantizations per
+    micro-batch instead of three, for one block's weights of extra memory while that block runs backward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, frozen: FrozenWeight) -> Tensor:
-        ctx.frozen = frozen
-        ctx.x_dtype = x.dtype
-        return x @ frozen.dequantize(x.dtype).t()
+    def forward(ctx, x: Tensor, frozen: FrozenWeight, keep_weight: bool) -> Tensor:
+        w = frozen.dequantize(x.dtype)
+        ctx.frozen, ctx.x_dtype, ctx.keep_weight = frozen, x.dtype, keep_weight
+        if keep_weight:
+            ctx.save_for_backward(w)
+        return x @ w.t()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        w = ctx.frozen.dequantize(grad_out.dtype)
-        return (grad_out @ w).to(ctx.x_dtype), None
+        if ctx.keep_weight:
+            w, = ctx.saved_tensors
+            w = w.to(grad_out.dtype)
+        else:
+            w = ctx.frozen.dequantize(grad_out.dtype)
+        return (grad_out @ w).to(ctx.x_dtype), None, None
 
 
-def frozen_linear(x: Tensor, frozen: FrozenWeight) -> Tensor:
+def frozen_linear(x: Tensor, frozen: FrozenWeight, keep_weight: bool = False) -> Tensor:
+    """x @ W^T for a frozen stored W; `keep_weight=True` inside activation-checkpointed blocks (see
+    _FrozenLinearFn)."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    return _FrozenLinearFn.apply(x, frozen)
+    return _FrozenLinearFn.apply(x, frozen, keep_weight)

@@ -37,6 +37,9 @@ class ReLoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Inside an activation-checkpointed block the backward reuses the recompute's dequantized weight
+        # (see quant._FrozenLinearFn); add_adapters sets it from the model's checkpointing.
+        self.keep_weight = False
         self.reset_adapter()
 
     @torch.no_grad()
@@ -49,7 +52,7 @@ class ReLoRALinear(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = frozen_linear(x, self.base)
+        y = frozen_linear(x, self.base, self.keep_weight)
         y = y + self.scale * nn.functional.linear(nn.functional.linear(self.dropout(x), self.lora_A), self.lora_B)
         if self.bias is not None:
             y = y + self.bias
@@ -90,6 +93,9 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
     instead, one at a time (see `models.materialize`). `codec` replaces the recipe's storage format (the memory
     estimator passes one that only lays out tensors)."""
     codec = codec or codec_for(quant, training_dtype)
+    checkpointed = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    if checkpointed is None:
+        checkpointed = getattr(model, "is_gradient_checkpointing", False)
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
     names = [name for name, module in model.named_modules()
@@ -107,6 +113,7 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
                              mmap_path=mmap_path, seed=derive_seed(seed, i, "adapter layer"))
+        layer.keep_weight = checkpointed
         setattr(parent, child, layer)
         del linear
         layers.append(layer)

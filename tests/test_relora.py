@@ -7,7 +7,7 @@ from torch import nn
 
 from qrelora.config import ModelConfig, QuantConfig, ReLoRAConfig
 from qrelora.models import build_model
-from qrelora.quant import DenseCodec, FourBitCodec
+from qrelora.quant import DenseCodec, FourBitCodec, FrozenWeight
 from qrelora.models import enable_activation_checkpointing
 from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
 
@@ -120,6 +120,44 @@ def train_two_steps_checking_adapter_grads(model, device="cpu", vary_batch=False
                 assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
         opt.step()
         opt.zero_grad()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_checkpointed_backward_reuses_the_recomputed_weight(bits, monkeypatch):
+    """Inside a checkpointed block a frozen weight is dequantized twice per micro-batch (forward, recompute)
+    instead of three times, with exactly the same gradients; without checkpointing, twice (forward, backward)."""
+    real = FrozenWeight.dequantize
+    calls, grads = {}, {}
+    for case in ("no checkpointing", "checkpointed, dequantize in backward", "checkpointed, reuse"):
+        model = tiny_model()
+        if case != "no checkpointing":
+            enable_activation_checkpointing(model)
+        layers = add_adapters(model, ReLoRAConfig(enabled=True, rank=8, alpha=16, dropout=0.0),
+                              QuantConfig(bits=bits, merge="exact"), training_dtype="bf16")
+        assert all(layer.keep_weight == (case != "no checkpointing") for layer in layers)
+        if case == "checkpointed, dequantize in backward":
+            for layer in layers:
+                layer.keep_weight = False
+        randomize_adapters(model)
+        count = [0]
+
+        def counting(self, dtype=torch.float32):
+            count[0] += 1
+            return real(self, dtype)
+
+        monkeypatch.setattr(FrozenWeight, "dequantize", counting)
+        model.train()
+        x = tokens()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=x, labels=x).loss.backward()
+        monkeypatch.undo()
+        calls[case] = count[0] / len(layers)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grads[case] = [p.grad for p in trainable if p.grad is not None]
+    assert calls == {"no checkpointing": 2, "checkpointed, dequantize in backward": 3, "checkpointed, reuse": 2}
+    assert len(grads["checkpointed, reuse"]) == len(trainable)
+    for a, b in zip(grads["checkpointed, dequantize in backward"], grads["checkpointed, reuse"]):
+        assert torch.equal(a, b)
 
 
 def test_eval_without_grad_does_not_corrupt_4bit_weights():
