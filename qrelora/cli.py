@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run STEPS real training steps (one merge included) and report measured peaks")
     m.add_argument("--vocab-size", type=_vocab_size, default=0, metavar="N",
                    help="vocabulary size, when the recipe's tokenizer is not available offline (default: read it)")
+    m.add_argument("--fit", action="store_true",
+                   help="find the fastest configuration that fits the budget at the recipe's tokens per step "
+                        "(micro-batch, accumulation, activation checkpointing) and print its overrides; with "
+                        "--measure STEPS each one that fits is timed")
     m.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
     e = sub.add_parser("eval", help="loss and perplexity of a checkpoint or model directory on held-out data")
     e.add_argument("path", help="a checkpoint directory, or a directory written by qrelora export")
@@ -137,6 +141,8 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.measure:
         check_device(recipe)  # before the estimate, not after it
     vocab, source = vocab_size_of(recipe, args.vocab_size)
+    if args.fit:
+        return _fit(args, recipe, vocab, budget)
     estimator = Estimator(recipe, vocab, budget, source, args.recipe)
     estimate = estimator.estimate()
     largest = estimator.largest_micro_batch(estimate)
@@ -166,6 +172,23 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
         render(estimate, largest, measured, Console())
     return EXIT_OK if estimate.fits else EXIT_DOES_NOT_FIT
+
+
+def _fit(args: argparse.Namespace, recipe, vocab: int, budget: int) -> int:
+    import json
+
+    from .memory.fit import fit
+
+    found = fit(recipe, vocab, budget, args.measure)
+    if args.json:
+        print(json.dumps({"budget": budget, "candidates": [c.to_dict() for c in found]}))
+    else:
+        from rich.console import Console
+
+        from .memory.report import render_fit
+
+        render_fit(args.recipe, found, budget, args.measure, Console())
+    return EXIT_OK if found[0].fits else EXIT_DOES_NOT_FIT
 
 
 def _bad_argument(message: str) -> int:

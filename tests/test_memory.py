@@ -217,3 +217,36 @@ def test_init_from_a_model_directory_is_estimated_from_its_config(tmp_path):
         add_adapters(real, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype)
     device = {k: v for k, v in bytes_by_role(real).items() if k not in HOST_CATEGORIES}
     assert relora.after_build == device and device["adapters"] > 0
+
+
+def test_fit_takes_each_checkpointing_settings_largest_micro_batch_at_the_same_tokens_per_step():
+    from qrelora.memory.fit import candidates, with_setting
+
+    recipe = load_recipe(TINY, SMALL + ["--model.num_layers=4", "--training.micro_batch_size=32",
+                                        "--training.grad_accum=2"])
+    need = {ckpt: Estimator(with_setting(recipe, ckpt, 32, 2), 8192, GiB).estimate(compare_checkpointing=False).need
+            for ckpt in (False, True)}
+    assert need[True] < need[False]
+    budget = (need[True] + need[False]) // 2  # micro-batch 32 fits with checkpointing only
+    found = candidates(recipe, 8192, budget)
+    assert [c.checkpointing for c in found] == [False, True]  # both fit: no recomputed forward ranks first
+    for c in found:
+        assert c.fits and c.micro_batch_size * c.grad_accum == 64 and c.need <= budget
+        bigger = [d for d in range(c.micro_batch_size + 1, 65) if 64 % d == 0]
+        if bigger:  # the next divisor of the 64 sequences per step does not fit
+            r = with_setting(recipe, c.checkpointing, bigger[0], 64 // bigger[0])
+            assert Estimator(r, 8192, budget).estimate(compare_checkpointing=False).need > budget
+    assert found[0].micro_batch_size < 32 and found[1].micro_batch_size >= 32
+
+
+def test_memory_fit_command_measures_each_candidate(tmp_path, capsys):
+    code = main(["memory", str(TINY), *SMALL, f"--run.output_dir={tmp_path}", "--fit", "--measure", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    found = report["candidates"]
+    assert {c["checkpointing"] for c in found} == {False, True}
+    assert all(c["fits"] and c["tokens_per_s"] > 0 for c in found)
+    assert found[0]["tokens_per_s"] >= found[1]["tokens_per_s"]
+    assert "--training.activation_checkpointing=" in found[0]["overrides"][-1]
+    assert main(["memory", str(TINY), *SMALL, "--fit", "--budget", "1MiB"]) == 3
+    assert "nothing fits" in capsys.readouterr().out

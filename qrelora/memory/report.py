@@ -223,3 +223,27 @@ def fix_for(recipe: Recipe, largest: int | None = None) -> str:
         return (f"Halve the micro-batch and double the accumulation: --training.micro_batch_size={half} "
                 f"--training.grad_accum={t.grad_accum * 2}.")
     return "Use fewer bits for the frozen weights (--quant.bits=4), a smaller rank, or a shorter seq_len."
+
+
+def render_fit(recipe_name: str, found, budget: int, measured_steps: int, console) -> None:
+    """The --fit table and the overrides of the winner (found: fit.Candidate list, best first)."""
+    table = Table(title=f"Configurations of {recipe_name} at the same tokens per step, best first, budget "
+                        f"{budget / GiB:.2f} GiB", title_justify="left")
+    for col in ("activation checkpointing", "micro-batch x accumulation", "estimated peak", "fits") + (
+            (f"tokens/s ({measured_steps} steps)",) if measured_steps else ()):
+        table.add_column(col, justify="left" if col.startswith("activation") else "right")
+    for c in found:
+        shape = f"{c.micro_batch_size} x {c.grad_accum}" if c.micro_batch_size else "not even 1 sequence"
+        speed = ((f"{c.tokens_per_s:,.0f}" if c.tokens_per_s else "-"),) if measured_steps else ()
+        table.add_row("on" if c.checkpointing else "off", shape, f"{c.need / GiB:.2f} GiB" if c.need else "-",
+                      "yes" if c.fits else f"no{': ' + c.note if c.note else ''}", *speed)
+    console.print(table)
+    best = found[0]
+    if best.fits:
+        why = "the highest measured tokens/s" if measured_steps else (
+            "estimate only: no recomputed forwards first, then the biggest micro-batch; add --measure STEPS to time them")
+        console.print(f"use: qrelora train {recipe_name} {' '.join(best.overrides())}  ({why})")
+    else:
+        console.print(f"nothing fits {budget / GiB:.2f} GiB at this model shape and sequence length: choose a smaller "
+                      "model (model.preset), 4-bit frozen weights (--quant.bits=4), a smaller relora.rank or a shorter "
+                      "data.seq_len, or a bigger --budget")
