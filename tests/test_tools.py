@@ -38,3 +38,33 @@ def test_methods_benchmark_runs_the_peers_packages(tmp_path):
     for name in ("LoRA (ours), 16-bit base", "LoRA (peft), 16-bit base", "GaLore", "APOLLO"):
         assert state[name] < state["full-rank AdamW"], (name, state)
     assert (tmp_path / "methods_quick.png").exists()
+
+
+@pytest.mark.slow
+def test_step_profile_puts_dequantization_in_its_own_category(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "profile_step.py"), "--quick", "--steps", "1", "2", "2",
+                          "--layer-repeats", "2", "--results", str(results)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]]
+            for cells in (line.split("|") for line in results.read_text().splitlines()) if len(cells) == 6}
+    # columns: ReLoRA (reuse), ReLoRA (dequantize again in backward), full-rank
+    dequant, adapters = rows["dequantize"], rows["adapter GEMMs"]
+    assert float(dequant[0]) > 0 and float(dequant[1]) > 0 and float(dequant[2]) == 0
+    assert float(adapters[0]) > 0 and float(adapters[2]) == 0
+    assert float(rows["optimizer step"][2]) > 0 and float(rows["q/k/v/o and MLP GEMMs"][2]) > 0
+    layer_rows = [line for line in results.read_text().splitlines() if line.startswith("| ReLoRA, ")]
+    assert len(layer_rows) == 2 and "x" in layer_rows[0]
+
+
+@pytest.mark.slow
+def test_recipes_on_card_dry_run_reports_every_phase():
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "recipe_on_card.py"), "--dry-run"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "failed" not in out.stdout, out.stdout
+    phases = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ")
+              and not line.startswith("| phase") and not line.startswith("|---")]
+    # 1b3: warm start, switch, merge, checkpoint; 7b: straight to NF4 from the meta device
+    assert phases == ["build", "full-rank", "ReLoRA", "checkpoint", "build", "ReLoRA", "checkpoint"], out.stdout

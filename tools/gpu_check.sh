@@ -5,6 +5,8 @@
 #   .gpu/tok32k/   a 32000-entry LLaMA-style tokenizer directory (tokenizer.json)
 #   .gpu/cache/    QRELORA_CACHE with the sample texts (and their token stream)
 # Results go to $OUT (logs and a RESULTS.md section per benchmark).
+#   tools/gpu_check.sh                     every part (more than one 10-minute call: name parts instead)
+#   tools/gpu_check.sh profile recipes     only these
 set -u
 PY=$(command -v python3 || command -v python)
 OUT=${OUT:-/tmp/gpu_out}
@@ -15,17 +17,40 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 $PY -m pip install --quiet --no-deps .gpu/wheels/*.whl 2>&1 | tail -2
 $PY -c "import torch, transformers, accelerate, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
 
-echo "== layer tests on CUDA"
-timeout 80 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py 2>&1 | tail -60 | tee "$OUT/tests.txt"
+# Parts, in the order of what they prove; name some to run only those (each has its own timeout, and the
+# device tool allows 10 minutes a call): tests profile recipes fit methods merge measure
+PARTS=${*:-tests profile recipes fit methods merge measure}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 
-echo "== merge benchmark on CUDA"
-[ -n "${SKIP_BENCH:-}" ] || timeout 80 $PY tools/bench_merge.py --device cuda --results "$OUT/RESULTS.md" 2>&1 | grep -v Warn | tee "$OUT/bench_merge.txt"
-
-echo "== 1.3B ReLoRA vs full-rank"
-timeout 150 $PY tools/measure_gpu.py --tokenizer .gpu/tok32k --steps 20 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/measure.txt"
-echo "== qrelora memory --measure on the 1.3B recipe (estimate next to measured peaks, snapshot)"
-timeout 150 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
-    --run.output_dir="$OUT/memory_1b3" --measure 10 2>&1 | tee "$OUT/memory_1b3.txt"
-echo "== 7B ReLoRA"
-timeout 180 $PY tools/measure_gpu.py --tokenizer .gpu/tok32k --steps 20 --with-7b --only 7B --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/measure7b.txt"
+if want tests; then
+  echo "== layer tests on CUDA"
+  timeout 80 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_gpu.py 2>&1 | tail -60 | tee "$OUT/tests.txt"
+fi
+if want profile; then
+  echo "== step profile at the 1b3 recipe's shape: ReLoRA NF4 against full-rank, and one layer"
+  timeout 200 $PY tools/profile_step.py --gpu --tokenizer .gpu/tok32k --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/profile.txt"
+fi
+if want recipes; then
+  echo "== the 24 GB recipes as written, capped at 24 GiB (per phase)"
+  timeout 560 $PY tools/recipe_on_card.py --tokenizer .gpu/tok32k --timeout 270 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/recipes.txt"
+fi
+if want fit; then
+  echo "== qrelora memory --fit --measure on the 1b3 recipe"
+  timeout 300 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
+      --run.output_dir="$OUT/fit_1b3" --fit --measure 6 2>&1 | tee "$OUT/fit_1b3.txt"
+fi
+if want methods; then
+  echo "== methods benchmark, 60M preset on CUDA"
+  timeout 500 $PY tools/bench_methods.py --gpu --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/methods.txt"
+fi
+if want merge; then
+  echo "== merge benchmark on CUDA"
+  timeout 80 $PY tools/bench_merge.py --device cuda --results "$OUT/RESULTS.md" 2>&1 | grep -v Warn | tee "$OUT/bench_merge.txt"
+fi
+if want measure; then
+  echo "== 1.3B ReLoRA vs full-rank (one micro-batch per step), and qrelora memory --measure"
+  timeout 150 $PY tools/measure_gpu.py --tokenizer .gpu/tok32k --steps 20 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/measure.txt"
+  timeout 150 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
+      --run.output_dir="$OUT/memory_1b3" --measure 10 2>&1 | tee "$OUT/memory_1b3.txt"
+fi
 echo "== done"

@@ -1,0 +1,263 @@
+"""Where a training step's time goes: ReLoRA on a 4-bit base against full-rank, by category, and one layer alone.
+
+    python tools/profile_step.py                         # the tiny shape on CPU (~3 min)
+    python tools/profile_step.py --gpu --tokenizer DIR   # the 1b3_24gb recipe's shape and micro-batch on CUDA
+
+Part 1, the step: each variant trains a few real steps of the recipe (`Trainer.step`, activation checkpointing
+on, as in the 24 GB recipes) in its own process under torch.profiler, and every operator's own time (CPU time on
+CPU, kernel time on CUDA) is put in one category: dequantization, the q/k/v/o and MLP GEMMs, the adapters'
+GEMMs, the LM head's GEMMs, attention, the loss, the optimizer step, and the rest (element-wise ops, norms,
+copies, allocation). Variants: ReLoRA with the checkpointed backward reusing the recompute's dequantized weight
+(the trainer's behaviour), ReLoRA dequantizing again in the backward (before that change), and full-rank. The
+step times come from steps run without the profiler.
+
+Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r) against an nn.Linear
+of the same shape, with and without checkpointing, under bf16 autocast: the ratio a whole step tends to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+DEQUANTIZE = "qrelora: dequantize"
+CATEGORIES = ("dequantize", "q/k/v/o and MLP GEMMs", "adapter GEMMs", "LM head GEMMs", "attention", "loss",
+              "optimizer step", "other ops")
+GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+
+SCALES = {  # recipe, overrides, (layer shape out x in, tokens, rank)
+    "cpu": ("recipes/tiny.toml", ["--training.activation_checkpointing=true"], (2048, 2048, 2048, 128)),
+    "gpu": ("recipes/1b3_24gb.toml", ["--data.dataset=sample"], (5461, 2048, 8192, 128)),
+    "quick": ("recipes/tiny.toml", ["--training.activation_checkpointing=true", "--model.hidden_size=64",
+                                    "--model.num_layers=2", "--model.num_heads=2", "--model.mlp_size=192",
+                                    "--model.preset=custom", "--data.seq_len=64", "--training.micro_batch_size=4",
+                                    "--relora.rank=8"], (256, 256, 256, 8)),
+}
+
+
+def variants() -> dict[str, dict]:
+    return {"ReLoRA, 4-bit base": {"relora": True, "reuse": True},
+            "ReLoRA, 4-bit base, dequantizing again in backward": {"relora": True, "reuse": False},
+            "full-rank": {"relora": False, "reuse": False}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1: one variant's steps, in its own process
+
+
+def category(event, rank: int, vocab: int) -> str:
+    names, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    if DEQUANTIZE in names:
+        return "dequantize"
+    if any(n == "optimizer step" or n.startswith("Optimizer.step") for n in names):
+        return "optimizer step"
+    name = event.name
+    if name in GEMMS:
+        dims = {d for shape in event.input_shapes for d in shape}
+        return "LM head GEMMs" if vocab in dims else "adapter GEMMs" if rank in dims else "q/k/v/o and MLP GEMMs"
+    if "cross_entropy" in name or "log_softmax" in name or "nll_loss" in name:
+        return "loss"
+    if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
+        return "attention"
+    return "other ops"
+
+
+def child(spec: dict) -> dict:
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from qrelora.cli import quiet_dependencies
+    from qrelora.config import load_recipe
+    from qrelora.monitor import PlainLog
+    from qrelora.quant import FrozenWeight
+    from qrelora.relora import adapter_layers
+    from qrelora.train import Trainer
+
+    quiet_dependencies()
+    warmup, profiled, timed = spec["steps"]
+    steps = warmup + profiled + timed + 1  # the last step, which would merge, is never run
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [*spec["overrides"], f"--run.output_dir={tmp}", f"--training.steps={steps}",
+                     "--training.warmup_steps=1", "--training.grad_accum=1", "--training.eval_every=0",
+                     "--checkpoint.every=0"]
+        overrides += ([f"--relora.warm_start_steps=0", f"--relora.restart_every={steps}", "--relora.restart_warmup=0"]
+                      if spec["relora"]
+                      else ["--relora.enabled=false"])
+        recipe = load_recipe(spec["recipe"], overrides)
+        trainer = Trainer(recipe, PlainLog(io.StringIO()))
+        cuda = trainer.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        try:
+            for _ in range(warmup):  # the first step converts to ReLoRA and pays for lazy initialisation
+                trainer.step()
+            for layer in adapter_layers(trainer.unwrapped):
+                layer.keep_weight = layer.keep_weight and spec["reuse"]
+            seconds = []
+            for _ in range(timed):
+                sync()
+                t0 = time.perf_counter()
+                trainer.step()
+                sync()
+                seconds.append(time.perf_counter() - t0)
+
+            real = FrozenWeight.dequantize
+
+            def labelled(self, dtype=torch.float32):
+                with record_function(DEQUANTIZE):
+                    return real(self, dtype)
+
+            FrozenWeight.dequantize = labelled
+            trainer.phases = record_function  # forward, backward, optimizer step
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities, record_shapes=True) as prof:
+                for _ in range(profiled):
+                    trainer.step()
+                sync()
+            FrozenWeight.dequantize = real
+            totals = dict.fromkeys(CATEGORIES, 0.0)
+            for event in prof.events():
+                if event.device_type != DeviceType.CPU:
+                    continue  # kernels are counted through the operator that launched them
+                us = event.self_device_time_total if cuda else event.self_cpu_time_total
+                totals[category(event, recipe.relora.rank, len(trainer.tokenizer))] += us / 1e3 / profiled
+        finally:
+            trainer.close()
+    return {"ms": totals, "step_s": statistics.median(seconds), "tokens_per_step": recipe.tokens_per_step,
+            "device": "cuda" if cuda else "cpu"}
+
+
+def run_child(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--out", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            raise SystemExit("a profiled variant failed:\n" + "\n".join(lines[-20:]))
+        return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 2: one layer
+
+
+def layer_times(out_features: int, in_features: int, tokens: int, rank: int, device: str, repeats: int) -> dict:
+    """Median seconds of forward + backward + AdamW step, bf16 autocast, fp32 trainables."""
+    import torch
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    from qrelora.quant import FourBitCodec
+    from qrelora.relora import ReLoRALinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False, device=device)
+    layers = {"nn.Linear": linear}
+    for reuse in (True, False):
+        layer = ReLoRALinear(nn.Linear(in_features, out_features, bias=False, device=device), rank, rank, 0.0,
+                             FourBitCodec(), "naive")
+        layer.keep_weight = reuse
+        layers["ReLoRA, reuse" if reuse else "ReLoRA, dequantize again"] = layer
+    x = torch.randn(tokens, in_features, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = {}
+    for checkpointed in (False, True):
+        for name, layer in layers.items():
+            if checkpointed is False and name == "ReLoRA, dequantize again":
+                continue  # without checkpointing the weight is never kept: the same code as "reuse"
+            opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-4)
+            seconds = []
+            for i in range(repeats + 2):
+                sync()
+                t0 = time.perf_counter()
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+                y.float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
+                if i >= 2:
+                    seconds.append(time.perf_counter() - t0)
+            times[(name, checkpointed)] = statistics.median(seconds)
+    return times
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    scale = ap.add_mutually_exclusive_group()
+    scale.add_argument("--gpu", action="store_true", help="the 1b3_24gb recipe's shape on CUDA")
+    scale.add_argument("--quick", action="store_true", help="a 2-layer model and a small layer: a smoke run")
+    ap.add_argument("--tokenizer", default="", help="a local tokenizer directory (the GPU machine has no hub)")
+    ap.add_argument("--steps", type=int, nargs=3, default=(2, 3, 5), metavar=("WARMUP", "PROFILED", "TIMED"))
+    ap.add_argument("--layer-repeats", type=int, default=10)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        Path(args.out).write_text(json.dumps(child(json.loads(args.child))))
+        return
+
+    from results import record
+
+    scale = "gpu" if args.gpu else "quick" if args.quick else "cpu"
+    recipe, overrides, (out_f, in_f, tokens, rank) = SCALES[scale]
+    overrides = [*overrides, *([f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else [])]
+    if args.gpu:
+        overrides.append("--training.device=cuda")
+    rows = {}
+    for name, v in variants().items():
+        t0 = time.perf_counter()
+        rows[name] = run_child({"recipe": str(ROOT / recipe), "overrides": overrides, "steps": list(args.steps), **v})
+        print(f"{name}: {rows[name]['step_s']:.3f} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+    names = list(rows)
+    full = rows["full-rank"]
+    body = [f"Recipe `{recipe}` with {' '.join(overrides)}, activation checkpointing on, one micro-batch of "
+            f"{full['tokens_per_step']:,} tokens per step. Milliseconds per step by category (operators' own "
+            f"{'kernel' if args.gpu else 'CPU'} time under torch.profiler, {args.steps[1]} steps after "
+            f"{args.steps[0]}); the step time is the median of {args.steps[2]} steps run without the profiler.", "",
+            "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in CATEGORIES:
+        body.append(f"| {c} | " + " | ".join(f"{rows[n]['ms'][c]:.1f}" for n in names) + " |")
+    body.append("| **profiled total** | " + " | ".join(f"**{sum(rows[n]['ms'].values()):.1f}**" for n in names) + " |")
+    body.append("| step time, unprofiled (ms) | " + " | ".join(f"{1e3 * rows[n]['step_s']:.1f}" for n in names) + " |")
+    body.append("| speed vs full-rank | " + " | ".join(f"{full['step_s'] / rows[n]['step_s']:.2f}x" for n in names) + " |")
+
+    device = "cuda" if args.gpu else "cpu"
+    times = layer_times(out_f, in_f, tokens, rank, device, args.layer_repeats)
+    body += ["", f"One layer, {out_f} x {in_f}, {tokens:,} tokens, rank {rank}, 4-bit (NF4) base; forward + backward "
+             f"+ AdamW step under bf16 autocast, median of {args.layer_repeats}:", "",
+             "| layer | no checkpointing | checkpointed | speed vs nn.Linear (no ckpt / ckpt) |", "|---|---|---|---|"]
+    lin = times[("nn.Linear", False)], times[("nn.Linear", True)]
+    for name in ("nn.Linear", "ReLoRA, reuse", "ReLoRA, dequantize again"):
+        plain, ckpt = times.get((name, False)), times[(name, True)]
+        body.append(f"| {name} | {f'{1e3 * plain:.1f} ms' if plain else '(as above)'} | {1e3 * ckpt:.1f} ms | "
+                    f"{f'{lin[0] / plain:.2f}x' if plain else '-'} / {lin[1] / ckpt:.2f}x |")
+    print("\n".join(body))
+    machine = (f"CUDA ({__import__('torch').cuda.get_device_name()})" if args.gpu
+               else f"CPU ({platform.machine()}, {__import__('os').cpu_count()} cores)")
+    record(Path(args.results), f"Step profile, ReLoRA against full-rank ({scale})",
+           "python tools/profile_step.py" + {"gpu": " --gpu", "quick": " --quick", "cpu": ""}[scale], machine, body)
+
+
+if __name__ == "__main__":
+    main()
