@@ -139,6 +139,10 @@ class ReLoRAConfig:
     """How the adapters' Adam moments are pruned at each restart."""
     reset_ratio: float = 0.99
     """Share of moment entries zeroed by "magnitude" and "random"."""
+    activation_checkpointing: bool = True
+    """With training.activation_checkpointing on: keep it in the ReLoRA phase (true), or turn it off at the
+    switch (false). The frozen weights have no gradients or optimizer states, so the ReLoRA phase often fits
+    without recomputing activations, and skips the recomputed forward pass (`qrelora memory --fit` says)."""
 
 
 @dataclass
@@ -205,6 +209,10 @@ class Recipe:
     def tokens_per_step(self) -> int:
         t = self.training
         return t.micro_batch_size * t.grad_accum * self.data.seq_len
+
+    def checkpointing(self, relora_phase: bool) -> bool:
+        """Whether activation checkpointing is on in the full-rank (warm start) or the ReLoRA phase."""
+        return self.training.activation_checkpointing and (self.relora.activation_checkpointing or not relora_phase)
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Recipe)[f.name] for f in dataclasses.fields(Recipe)

@@ -147,6 +147,13 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 @torch.no_grad()
 def held_out_loss(model: nn.Module, batches: list[torch.Tensor], device: torch.device, bf16: bool) -> float:
     """Mean next-token loss of a causal LM over held-out batches, in eval mode, under bf16 autocast when

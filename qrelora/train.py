@@ -28,7 +28,8 @@ from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
 from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
-from .models import build_model, enable_activation_checkpointing, fp32_model_bytes, held_out_loss, materialize
+from .models import (build_model, disable_activation_checkpointing, enable_activation_checkpointing,
+                     fp32_model_bytes, held_out_loss, materialize)
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import build_optimizer, carry_state, prune_adapter_moments
@@ -99,6 +100,8 @@ class ReLoRAPhase:
 
     def convert(self, model: nn.Module, device: torch.device) -> None:
         """Freeze the attention / MLP linears into their storage format and attach fresh adapters."""
+        if not self.cfg.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
+            disable_activation_checkpointing(model)  # before add_adapters, which reads it
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
                      mmap_dir=self.run_dir / "master", seed=self.seed, device=device)
         if device.type == "cuda":
@@ -483,7 +486,7 @@ def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReL
                         seed=recipe.training.seed, eos_id=tokenizer.eos_token_id,
                         device=initial_device(recipe, len(tokenizer), device, relora is not None))
     if recipe.training.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model)  # the switch turns it off if relora.activation_checkpointing is false
     if relora is not None:
         relora.convert(model, device)
     materialize(model, device)  # what a meta-device build has left: embeddings, norms, head

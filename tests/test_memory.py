@@ -224,19 +224,34 @@ def test_fit_takes_each_checkpointing_settings_largest_micro_batch_at_the_same_t
 
     recipe = load_recipe(TINY, SMALL + ["--model.num_layers=4", "--training.micro_batch_size=32",
                                         "--training.grad_accum=2"])
-    need = {ckpt: Estimator(with_setting(recipe, ckpt, 32, 2), 8192, GiB).estimate(compare_checkpointing=False).need
-            for ckpt in (False, True)}
-    assert need[True] < need[False]
-    budget = (need[True] + need[False]) // 2  # micro-batch 32 fits with checkpointing only
+
+    def need(setting, micro, budget=GiB):
+        r = with_setting(recipe, setting, micro, 64 // micro)
+        return Estimator(r, 8192, budget).estimate(compare_checkpointing=False).need
+
+    assert need("on", 32) < need("warm start only", 32) < need("off", 32)
+    budget = (need("on", 32) + need("warm start only", 32)) // 2  # micro-batch 32 fits only with checkpointing
     found = candidates(recipe, 8192, budget)
-    assert [c.checkpointing for c in found] == [False, True]  # both fit: no recomputed forward ranks first
+    assert [c.checkpointing for c in found] == ["off", "warm start only", "on"]  # all fit: fewest recomputes first
     for c in found:
         assert c.fits and c.micro_batch_size * c.grad_accum == 64 and c.need <= budget
         bigger = [d for d in range(c.micro_batch_size + 1, 65) if 64 % d == 0]
         if bigger:  # the next divisor of the 64 sequences per step does not fit
-            r = with_setting(recipe, c.checkpointing, bigger[0], 64 // bigger[0])
-            assert Estimator(r, 8192, budget).estimate(compare_checkpointing=False).need > budget
-    assert found[0].micro_batch_size < 32 and found[1].micro_batch_size >= 32
+            assert need(c.checkpointing, bigger[0], budget) > budget
+    assert found[0].micro_batch_size < 32 and found[1].micro_batch_size < 32 <= found[2].micro_batch_size
+    assert found[1].overrides()[-2:] == ["--training.activation_checkpointing=true",
+                                         "--relora.activation_checkpointing=false"]
+
+
+def test_relora_phase_without_checkpointing_is_estimated_as_such():
+    on = load_recipe(TINY, SMALL + ["--training.activation_checkpointing=true"])
+    off = load_recipe(TINY, SMALL + ["--training.activation_checkpointing=false"])
+    mixed = load_recipe(TINY, SMALL + ["--training.activation_checkpointing=true", "--relora.activation_checkpointing=false"])
+    phases = {name: Estimator(r, 8192, GiB).estimate(compare_checkpointing=False).phases
+              for name, r in (("on", on), ("off", off), ("mixed", mixed))}
+    assert phases["mixed"][0].need == phases["on"][0].need  # the warm start: checkpointed
+    assert phases["mixed"][1].need == phases["off"][1].need  # the ReLoRA phase: not
+    assert phases["on"][1].need < phases["off"][1].need
 
 
 def test_memory_fit_command_measures_each_candidate(tmp_path, capsys):
@@ -244,9 +259,9 @@ def test_memory_fit_command_measures_each_candidate(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     found = report["candidates"]
-    assert {c["checkpointing"] for c in found} == {False, True}
+    assert {c["checkpointing"] for c in found} == {"off", "warm start only", "on"}
     assert all(c["fits"] and c["tokens_per_s"] > 0 for c in found)
     assert found[0]["tokens_per_s"] >= found[1]["tokens_per_s"]
-    assert "--training.activation_checkpointing=" in found[0]["overrides"][-1]
+    assert "--relora.activation_checkpointing=" in found[0]["overrides"][-1]
     assert main(["memory", str(TINY), *SMALL, "--fit", "--budget", "1MiB"]) == 3
     assert "nothing fits" in capsys.readouterr().out

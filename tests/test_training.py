@@ -11,6 +11,7 @@ import pytest
 
 from qrelora.config import load_recipe
 from qrelora.monitor import PlainLog
+from qrelora.relora import adapter_layers
 import qrelora.train
 from qrelora.train import Trainer
 
@@ -157,3 +158,23 @@ def test_where_the_trainer_builds():
     assert build_device_for(5 * 2**30, 24 * 2**30, True, gpu) == gpu
     assert build_device_for(27 * 2**30, 24 * 2**30, True, gpu).type == "meta"
     assert build_device_for(27 * 2**30, 24 * 2**30, False, gpu).type == "cpu"
+
+
+def test_relora_phase_can_drop_activation_checkpointing(tmp_path):
+    """relora.activation_checkpointing = false: the warm start recomputes activations, the ReLoRA phase does not
+    (and so dequantizes each frozen weight again in its backward instead of keeping the recompute's)."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
+        f"--run.output_dir={tmp_path}", *SMALL, "--training.steps=4", "--relora.warm_start_steps=2",
+        "--relora.restart_every=2", "--relora.restart_warmup=1", "--training.activation_checkpointing=true",
+        "--relora.activation_checkpointing=false", "--training.eval_every=0"])
+    trainer = Trainer(recipe, PlainLog(io.StringIO()))
+    try:
+        model = trainer.unwrapped
+        assert model.is_activation_checkpointing
+        while trainer.state.step < 4:
+            trainer.step()
+        assert trainer.relora.active and not trainer.unwrapped.is_activation_checkpointing
+        layers = adapter_layers(trainer.unwrapped)
+        assert layers and not any(layer.keep_weight for layer in layers)
+    finally:
+        trainer.close()

@@ -180,6 +180,8 @@ class PhaseEstimate:
     host: dict[str, int]
     paged: int
     """Optimizer-state bytes in CUDA managed (paged) memory, which torch's allocator does not count."""
+    checkpointing: bool = True
+    """Whether this phase runs with activation checkpointing (Recipe.checkpointing)."""
 
     @property
     def moments(self) -> dict[str, int]:
@@ -287,11 +289,12 @@ class Estimator:
         t0 = time.perf_counter()
         r = self.recipe
         micro_batch = micro_batch or r.training.micro_batch_size
-        checkpointing = r.training.activation_checkpointing
         phases = []
         for i, (name, relora) in enumerate(_phases_of(r)):
+            checkpointing = r.checkpointing(relora)
             sim = self.simulator(relora, checkpointing).run(micro_batch)
             phase = _phase(r, name, sim, self.optimizer, self.device_type, self.budget, first=i == 0)
+            phase.checkpointing = checkpointing
             phase.activations[checkpointing] = _activations(sim)
             if compare_checkpointing:
                 one, two = (_activations(self.simulator(relora, not checkpointing, d).run(micro_batch)) for d in (1, 2))
@@ -299,7 +302,7 @@ class Estimator:
                 phase.activations[not checkpointing] = one + (depth - 1) * (two - one)
             phases.append(phase)
         return Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
-                        self.vocab_source, self.optimizer, checkpointing, self.budget, phases,
+                        self.vocab_source, self.optimizer, r.training.activation_checkpointing, self.budget, phases,
                         seconds=time.perf_counter() - t0)
 
     def largest_micro_batch(self, at: Estimate, limit: int = 4096) -> int:

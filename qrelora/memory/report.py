@@ -109,7 +109,8 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     console.print(f"[bold]qrelora memory[/] {e.recipe}")
     console.print(f"{e.device_type}, micro-batch {e.micro_batch_size} x {e.seq_len} tokens, vocabulary "
                   f"{e.vocab_size:,} ({e.vocab_source}), optimizer {e.optimizer}, activation checkpointing "
-                  f"{'on' if e.checkpointing else 'off'}")
+                  f"{'on' if e.checkpointing else 'off'}"
+                  + (" (off in the ReLoRA phase)" if e.checkpointing and not e.phases[-1].checkpointing else ""))
     unit, unit_name = _unit(e.need)
 
     def _gib(n: int | None) -> str:
@@ -136,10 +137,9 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
             if c == "optimizer states":
                 note = e.optimizer + (" (paged: can spill to host memory)" if e.optimizer.startswith("paged") else "")
             table.add_row(c, *cells, note)
-    flipped = [f"({_gib(p.activations[not e.checkpointing])})" if (not e.checkpointing) in p.activations else ""
-               for p in e.phases]
-    table.add_row("activations + logits, checkpointing " + ("off" if e.checkpointing else "on"), *flipped,
-                  "the other setting, for comparison")
+    flipped = [f"({_gib(p.activations[not p.checkpointing])}, {'off' if p.checkpointing else 'on'})"
+               if (not p.checkpointing) in p.activations else "" for p in e.phases]
+    table.add_row("activations + logits, checkpointing switched", *flipped, "the other setting, for comparison")
     table.add_row("[bold]device peak", *[f"[bold]{_gib(p.need)}" for p in e.phases], "")
     table.add_row("  at", *[p.peak_moment for p in e.phases], "")
     for c in sorted({k for p in e.phases for k in p.host}):
@@ -235,13 +235,14 @@ def render_fit(recipe_name: str, found, budget: int, measured_steps: int, consol
     for c in found:
         shape = f"{c.micro_batch_size} x {c.grad_accum}" if c.micro_batch_size else "not even 1 sequence"
         speed = ((f"{c.tokens_per_s:,.0f}" if c.tokens_per_s else "-"),) if measured_steps else ()
-        table.add_row("on" if c.checkpointing else "off", shape, f"{c.need / GiB:.2f} GiB" if c.need else "-",
+        table.add_row(c.checkpointing, shape, f"{c.need / GiB:.2f} GiB" if c.need else "-",
                       "yes" if c.fits else f"no{': ' + c.note if c.note else ''}", *speed)
     console.print(table)
     best = found[0]
     if best.fits:
         why = "the highest measured tokens/s" if measured_steps else (
-            "estimate only: no recomputed forwards first, then the biggest micro-batch; add --measure STEPS to time them")
+            "estimate only: fewest recomputed forwards first, then the biggest micro-batch; add --measure STEPS to "
+            "time them")
         console.print(f"use: qrelora train {recipe_name} {' '.join(best.overrides())}  ({why})")
     else:
         console.print(f"nothing fits {budget / GiB:.2f} GiB at this model shape and sequence length: choose a smaller "
