@@ -8,8 +8,9 @@ on, as in the 24 GB recipes) in its own process under torch.profiler, and every 
 CPU, kernel time on CUDA) is put in one category: dequantization, the q/k/v/o and MLP GEMMs, the adapters'
 GEMMs, the LM head's GEMMs, attention, the loss, the optimizer step, and the rest (element-wise ops, norms,
 copies, allocation). Variants: ReLoRA with the checkpointed backward reusing the recompute's dequantized weight
-(the trainer's behaviour), ReLoRA dequantizing again in the backward (before that change), and full-rank. The
-step times come from steps run without the profiler.
+(the trainer's behaviour), ReLoRA dequantizing again in the backward (before that change), ReLoRA without
+checkpointing (relora.activation_checkpointing = false), and full-rank. The step times come from steps run
+without the profiler.
 
 Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r) against an nn.Linear
 of the same shape, with and without checkpointing, under bf16 autocast: the ratio a whole step tends to.
@@ -48,9 +49,11 @@ SCALES = {  # recipe, overrides, (layer shape out x in, tokens, rank)
 
 
 def variants() -> dict[str, dict]:
-    return {"ReLoRA, 4-bit base": {"relora": True, "reuse": True},
-            "ReLoRA, 4-bit base, dequantizing again in backward": {"relora": True, "reuse": False},
-            "full-rank": {"relora": False, "reuse": False}}
+    return {"ReLoRA, 4-bit base": {"relora": True, "reuse": True, "extra": []},
+            "ReLoRA, 4-bit base, dequantizing again in backward": {"relora": True, "reuse": False, "extra": []},
+            "ReLoRA, 4-bit base, no checkpointing": {"relora": True, "reuse": True,
+                                                     "extra": ["--relora.activation_checkpointing=false"]},
+            "full-rank": {"relora": False, "reuse": False, "extra": []}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +96,7 @@ def child(spec: dict) -> dict:
     warmup, profiled, timed = spec["steps"]
     steps = warmup + profiled + timed + 1  # the last step, which would merge, is never run
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*spec["overrides"], f"--run.output_dir={tmp}", f"--training.steps={steps}",
+        overrides = [*spec["overrides"], *spec["extra"], f"--run.output_dir={tmp}", f"--training.steps={steps}",
                      "--training.warmup_steps=1", "--training.grad_accum=1", "--training.eval_every=0",
                      "--checkpoint.every=0"]
         overrides += ([f"--relora.warm_start_steps=0", f"--relora.restart_every={steps}", "--relora.restart_warmup=0"]
