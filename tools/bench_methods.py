@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -289,13 +290,13 @@ def methods_table(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def spread_table(seeds: dict[str, list[float]]) -> tuple[list[str], float]:
-    table = ["| method | eval loss, seed 0 | eval loss, seed 1 | difference |", "|---|---|---|---|"]
+    table = ["| method | eval loss by seed | largest difference |", "|---|---|---|"]
     noise = 0.0
     for name, losses in seeds.items():
         if len(losses) > 1:
-            diff = abs(losses[0] - losses[1])
+            diff = max(losses) - min(losses)
             noise = max(noise, diff)
-            table.append(f"| {name} | {losses[0]:.4f} | {losses[1]:.4f} | {diff:.4f} |")
+            table.append(f"| {name} | {' / '.join(f'{v:.4f}' for v in losses)} | {diff:.4f} |")
     return table, noise
 
 
@@ -336,6 +337,9 @@ def main():
     ap.add_argument("--only", nargs="*", help="run only the methods whose name contains one of these (the "
                     "ratios to full-rank need \"full-rank AdamW\" among them)")
     ap.add_argument("--one-seed", action="store_true", help="skip the second-seed runs")
+    ap.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                    help="run every method with these seeds (default: seed 0, and seed 1 too for full-rank AdamW, "
+                         "our LoRA and ReLoRA NF4 exact)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -364,9 +368,10 @@ def main():
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for m in todo:
-            for seed in ((0, 1) if m.second_seed and not (args.sweep or args.one_seed) else (0,)):
+            run_seeds = args.seeds or ((0, 1) if m.second_seed and not (args.sweep or args.one_seed) else (0,))
+            for seed in run_seeds:
                 r = run_one(m, seed, recipe_path, overrides, Path(tmp))
-                if seed == 0:
+                if seed == run_seeds[0]:
                     rows.append((m.name, r))
                 if "failed" in r:
                     break
@@ -377,9 +382,10 @@ def main():
     total_min = (time.perf_counter() - started) / 60
 
     b, rl = base.training, base.relora
+    first_seed = args.seeds[0] if args.seeds else 0
     dims = model_dims(base.model)
     setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
-               f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed 0; adapter methods: "
+               f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
                f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
                f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {rl.restart_every} steps "
                f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}). " +
@@ -390,16 +396,24 @@ def main():
     body = [setting, "", *table]
     if not args.sweep:
         spread, noise = spread_table(seeds)
-        body += ["", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "", *spread]
-        png = Path(args.results).parent / f"methods_{scale}.png"
-        if plot(rows, png, f"Eval loss, {scale} benchmark ({b.steps} steps, seed 0)"):
+        if len(spread) > 2:  # some method ran with more than one seed
+            body += ["", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "", *spread]
+        partial = [*user, *(["only", *args.only] if args.only else []),
+                   *(["seeds", *map(str, args.seeds)] if args.seeds else [])]
+        slug = re.sub(r"[^a-z0-9]+", "_", " ".join(partial).lower()).strip("_")
+        png = Path(args.results).parent / f"methods_{scale}{'_' + slug if slug else ''}.png"
+        if plot(rows, png, f"Eval loss, {scale} benchmark ({b.steps} steps, seed {first_seed})"):
             body += ["", f"Curves: [{png.name}]({png.name})"]
     print("\n".join(body))
     what = "ReLoRA lever sweep" if args.sweep else "Methods benchmark"
-    heading = f"{what} ({scale})" + (f", {' '.join(user)}" if user else "")
+    # A partial run (--only, --seeds, overrides) gets its own section instead of replacing the full table.
+    heading = f"{what} ({scale})" + (f", {' '.join(user)}" if user else "") + \
+        (f", only {' / '.join(args.only)}" if args.only else "") + \
+        (f", seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
     command = "python tools/bench_methods.py" + {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + \
         (" --sweep" if args.sweep else "") + "".join(f" {o}" for o in user) + \
-        (" --only " + " ".join(repr(o) for o in args.only) if args.only else "")
+        (" --only " + " ".join(repr(o) for o in args.only) if args.only else "") + \
+        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
     import torch
 
     machine = (torch.cuda.get_device_name() if scale == "gpu" and torch.cuda.is_available() else
