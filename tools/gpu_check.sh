@@ -18,8 +18,10 @@ $PY -m pip install --quiet --no-deps .gpu/wheels/*.whl 2>&1 | tail -2
 $PY -c "import torch, transformers, accelerate, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
 
 # Parts, in the order of what they prove; name some to run only those (each has its own timeout, and the
-# device tool allows 10 minutes a call): tests profile recipes fit methods merge measure
+# device tool allows 10 minutes a call): tests profile recipes fit methods merge measure.
+#   tools/gpu_check.sh speed     the speed table in one call (under 10 minutes): profile, recipes, fit
 PARTS=${*:-tests profile recipes fit methods merge measure}
+PARTS=${PARTS/speed/profile recipes fit}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if want tests; then
@@ -28,16 +30,16 @@ if want tests; then
 fi
 if want profile; then
   echo "== step profile at the 1b3 recipe's shape: ReLoRA NF4 against full-rank, and one layer"
-  timeout 200 $PY tools/profile_step.py --gpu --tokenizer .gpu/tok32k --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/profile.txt"
+  timeout 140 $PY tools/profile_step.py --gpu --tokenizer .gpu/tok32k --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/profile.txt"
 fi
 if want recipes; then
   echo "== the 24 GB recipes as written, capped at 24 GiB (per phase)"
-  timeout 560 $PY tools/recipe_on_card.py --tokenizer .gpu/tok32k --timeout 270 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/recipes.txt"
+  timeout 270 $PY tools/recipe_on_card.py --tokenizer .gpu/tok32k --timeout 130 --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/recipes.txt"
 fi
 if want fit; then
   echo "== qrelora memory --fit --measure on the 1b3 recipe"
-  timeout 300 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
-      --run.output_dir="$OUT/fit_1b3" --fit --measure 6 2>&1 | tee "$OUT/fit_1b3.txt"
+  timeout 150 $PY -m qrelora memory recipes/1b3_24gb.toml --data.dataset=sample --data.tokenizer=.gpu/tok32k \
+      --run.output_dir="$OUT/fit_1b3" --fit --measure 4 2>&1 | tee "$OUT/fit_1b3.txt"
 fi
 if want methods; then
   echo "== methods benchmark, 60M preset on CUDA"
