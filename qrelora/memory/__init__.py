@@ -15,6 +15,7 @@ One module per concern:
 - `measurement`: `measure`, real steps recorded in a `Measurement`.
 - `report`: `parse_bytes`, the estimate against a measurement (`comparison`, `category_comparison`), the
   tables of `qrelora memory` (`render`) and the change to make to a recipe that does not fit (`fix_for`).
+- `fit`: `qrelora memory --fit`, the fastest micro-batch / accumulation / checkpointing setting that fits.
 - `train_checks`: what `qrelora train` asks of the estimate: `preflight` before anything is built, and
   `out_of_memory_report` when a run goes out of device memory all the same.
 
