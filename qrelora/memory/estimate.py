@@ -269,12 +269,15 @@ def _phases_of(recipe: Recipe) -> list[tuple[str, bool]]:
 class Estimator:
     """Estimates of one recipe at any micro-batch size (each fake model is built once)."""
 
-    def __init__(self, recipe: Recipe, vocab_size: int, budget: int, vocab_source: str = "", recipe_name: str = ""):
+    def __init__(self, recipe: Recipe, vocab_size: int, budget: int, vocab_source: str = "", recipe_name: str = "",
+                 simulators: dict[tuple, Simulator] | None = None):
+        """simulators: a cache to share with Estimators of the same recipe that differ only in activation
+        checkpointing or micro-batch size (a simulator is keyed by phase, checkpointing and depth)."""
         self.recipe, self.vocab_size, self.budget = recipe, vocab_size, budget
         self.vocab_source, self.recipe_name = vocab_source, recipe_name
         self.device_type = device_type(recipe)
         self.optimizer = resolve_optimizer_name(recipe.optim, self.device_type)
-        self._simulators: dict[tuple, Simulator] = {}
+        self._simulators: dict[tuple, Simulator] = {} if simulators is None else simulators
 
     def simulator(self, relora: bool, checkpointing: bool, depth: int | None = None) -> Simulator:
         key = (relora, checkpointing, depth)

@@ -53,12 +53,12 @@ def candidates(recipe: Recipe, vocab_size: int, budget: int) -> list[Candidate]:
     recipe has a full-rank warm start and a ReLoRA phase)."""
     per_step = recipe.training.micro_batch_size * recipe.training.grad_accum
     both_phases = recipe.relora.enabled and recipe.relora.warm_start_steps > 0
-    found = []
+    found, simulators = [], {}  # the settings share each phase's fake model for each checkpointing setting
     for checkpointing in SETTINGS:
         if checkpointing == "warm start only" and not both_phases:
             continue
         r = with_setting(recipe, checkpointing, recipe.training.micro_batch_size, recipe.training.grad_accum)
-        estimator = Estimator(r, vocab_size, budget)
+        estimator = Estimator(r, vocab_size, budget, simulators=simulators)
         largest = estimator.largest_micro_batch(estimator.estimate(compare_checkpointing=False))
         if largest == 0:
             found.append(Candidate(checkpointing, 0, 0, 0, False))
