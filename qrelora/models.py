@@ -147,6 +147,11 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def is_activation_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def disable_activation_checkpointing(model: nn.Module) -> None:
     if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5
         model.activation_checkpointing_disable()

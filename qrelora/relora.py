@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig, ReLoRAConfig
-from .models import init_module
+from .models import init_module, is_activation_checkpointing
 from .quant import Codec, FrozenWeight, LayerMerge, frozen_linear, make_codec
 from .seeding import derive_seed
 
@@ -93,9 +93,7 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
     instead, one at a time (see `models.materialize`). `codec` replaces the recipe's storage format (the memory
     estimator passes one that only lays out tensors)."""
     codec = codec or codec_for(quant, training_dtype)
-    checkpointed = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
-    if checkpointed is None:
-        checkpointed = getattr(model, "is_gradient_checkpointing", False)
+    checkpointed = is_activation_checkpointing(model)
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
     names = [name for name, module in model.named_modules()

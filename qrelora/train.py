@@ -29,7 +29,7 @@ from .data import TokenData, build_data, load_tokenizer
 from .device import build_device_for, check_device, device_type
 from .errors import EXIT_INTERRUPTED, QreloraError
 from .models import (build_model, disable_activation_checkpointing, enable_activation_checkpointing,
-                     fp32_model_bytes, held_out_loss, materialize)
+                     fp32_model_bytes, held_out_loss, is_activation_checkpointing, materialize)
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import build_optimizer, carry_state, prune_adapter_moments
@@ -100,7 +100,7 @@ class ReLoRAPhase:
 
     def convert(self, model: nn.Module, device: torch.device) -> None:
         """Freeze the attention / MLP linears into their storage format and attach fresh adapters."""
-        if not self.cfg.activation_checkpointing and getattr(model, "is_activation_checkpointing", False):
+        if not self.cfg.activation_checkpointing and is_activation_checkpointing(model):
             disable_activation_checkpointing(model)  # before add_adapters, which reads it
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
                      mmap_dir=self.run_dir / "master", seed=self.seed, device=device)

@@ -278,6 +278,7 @@ class Estimator:
         self.device_type = device_type(recipe)
         self.optimizer = resolve_optimizer_name(recipe.optim, self.device_type)
         self._simulators: dict[tuple, Simulator] = {} if simulators is None else simulators
+        self._plain: dict[int, Estimate] = {}  # estimates without the checkpointing comparison, by micro-batch
 
     def simulator(self, relora: bool, checkpointing: bool, depth: int | None = None) -> Simulator:
         key = (relora, checkpointing, depth)
@@ -292,6 +293,8 @@ class Estimator:
         t0 = time.perf_counter()
         r = self.recipe
         micro_batch = micro_batch or r.training.micro_batch_size
+        if not compare_checkpointing and micro_batch in self._plain:  # largest_micro_batch and --fit ask again
+            return self._plain[micro_batch]
         phases = []
         for i, (name, relora) in enumerate(_phases_of(r)):
             checkpointing = r.checkpointing(relora)
@@ -304,9 +307,12 @@ class Estimator:
                 depth = self.simulator(relora, checkpointing).depth
                 phase.activations[not checkpointing] = one + (depth - 1) * (two - one)
             phases.append(phase)
-        return Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
-                        self.vocab_source, self.optimizer, r.training.activation_checkpointing, self.budget, phases,
-                        seconds=time.perf_counter() - t0)
+        estimate = Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
+                            self.vocab_source, self.optimizer, r.training.activation_checkpointing, self.budget,
+                            phases, seconds=time.perf_counter() - t0)
+        if not compare_checkpointing:
+            self._plain[micro_batch] = estimate
+        return estimate
 
     def largest_micro_batch(self, at: Estimate, limit: int = 4096) -> int:
         """The largest micro-batch whose estimate fits the budget (0 if not even one sequence does).
