@@ -130,8 +130,13 @@ class ReLoRAConfig:
     """Linear learning-rate re-warm-up after each restart."""
     lr_ratio: float = 1.0
     """The ReLoRA phase runs at lr_ratio times the schedule of training.lr (the paper uses 1.5-2x the
-    full-rank rate for the low-rank phase). The cosine envelope is the same one; the switch from the warm
-    start re-warms from zero over restart_warmup steps like every restart, so the rate never jumps."""
+    full-rank rate for the low-rank phase). The cosine envelope is the same one, and the rate never jumps at
+    the switch from the warm start: the adapters re-warm from zero over restart_warmup steps like at every
+    restart, the parameters that train in full ease from 1x to lr_ratio x over the same steps."""
+    jagged: Literal["adapters", "all"] = "adapters"
+    """Which parameters' learning rate restarts (drops to zero before each merge, re-warms after it): only
+    the adapters', while embeddings, norms and head, which are never merged or reset, stay on the smooth
+    cosine ("adapters"); or every parameter's, as in the paper's reference code ("all")."""
     warm_start_steps: int = 0
     """Full-rank steps before switching to ReLoRA, or a fraction of training.steps (e.g. 0.33: rounded so the
     ReLoRA phase is a whole number of cycles)."""

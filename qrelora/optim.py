@@ -100,15 +100,25 @@ def resolve_optimizer_name(cfg: OptimConfig, device_type: str) -> str:
     return "paged_adamw8bit" if device_type == "cuda" else "adamw"
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter (by its name in the model) is a low-rank adapter factor: ours and peft's are
+    called lora_A and lora_B."""
+    return any(part in ("lora_A", "lora_B") for part in name.split("."))
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (adapters, embeddings, head); never norms or biases."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """Decay matrices (adapters, embeddings, head); never norms or biases. The adapters get a group of their
+    own, marked "adapters", because the ReLoRA phase gives them the jagged learning rate and the others a
+    smooth one (see schedule.JaggedCosine.full_rate)."""
+    decay, adapters, no_decay = [], [], []
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+            (adapters if is_adapter(name) else decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "adapters": False}]
+    if adapters:
+        groups.append({"params": adapters, "weight_decay": weight_decay, "adapters": True})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "adapters": False})
     return groups
 
 

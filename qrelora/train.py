@@ -223,7 +223,7 @@ class Trainer:
             self.plan, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
             restart_every=recipe.relora.restart_every if recipe.relora.enabled else 0,
             restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps,
-            relora_lr_ratio=recipe.relora.lr_ratio)
+            relora_lr_ratio=recipe.relora.lr_ratio, jagged_all=recipe.relora.jagged == "all")
         self.relora = ReLoRAPhase(recipe, self.run_dir)
         self.state = TrainState()
         self.bad_steps_in_a_row = 0
@@ -286,7 +286,14 @@ class Trainer:
                 f"checkpoint {self.resumed_from} does not fit this model ({len(missing)} missing and "
                 f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that "
                 "wrote it, or --checkpoint.resume=never.")
-        self.optimizer.load_state_dict(saved.optimizer)
+        try:
+            self.optimizer.load_state_dict(saved.optimizer)
+        except ValueError as e:  # torch's word for parameter groups that differ in number or size
+            raise checkpoint.CheckpointError(
+                f"checkpoint {self.resumed_from} holds optimizer state that does not fit this run's optimizer "
+                f"({e}). It was written with another optimizer setting or by an earlier version of qrelora "
+                "(which kept the adapters in one parameter group with the embeddings). Resume it with the "
+                "version and recipe that wrote it, or start afresh with --checkpoint.resume=never.") from e
         self.data.load_state_dict(trainer_state["data"])
         self.state = TrainState(**{k: trainer_state[k] for k in ("step", "tokens", "merges")})
         if metrics_path.exists() and self.accelerator.is_main_process:
@@ -329,11 +336,12 @@ class Trainer:
         batch = self.data.next_batch(mbs * acc.num_processes)
         return batch[acc.process_index * mbs:(acc.process_index + 1) * mbs].to(self.device)
 
-    def train_step(self, lr: float) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches; returns (mean loss, gradient norm)."""
+    def train_step(self, lr: float, full_lr: float | None = None) -> tuple[float, float]:
+        """One optimizer step over grad_accum micro-batches at learning rate `lr` for the adapters and
+        `full_lr` (default: lr) for the parameters that train in full; returns (mean loss, gradient norm)."""
         t = self.recipe.training
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr if group.get("adapters") or full_lr is None else full_lr
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for i in range(t.grad_accum):
@@ -418,7 +426,7 @@ class Trainer:
             self.switch_to_relora()
         lr = self.schedule(step)
         t0 = time.perf_counter()
-        loss, grad_norm = self.train_step(lr)
+        loss, grad_norm = self.train_step(lr, full_lr=self.schedule.full_rate(step))
         seconds = time.perf_counter() - t0
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._skip_bad_step(loss, grad_norm)

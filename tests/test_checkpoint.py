@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qrelora.checkpoint import CheckpointError
 from qrelora.cli import main
 from qrelora.config import load_recipe
 from qrelora.monitor import PlainLog
@@ -37,10 +39,10 @@ def interrupt_after(trainer, step):
     """Deliver SIGINT while step `step` (1-based) runs, as a user pressing Ctrl-C would."""
     original = trainer.train_step
 
-    def train_step(lr):
+    def train_step(lr, **rates):
         if trainer.state.step == step - 1:
             signal.raise_signal(signal.SIGINT)
-        return original(lr)
+        return original(lr, **rates)
 
     trainer.train_step = train_step
 
@@ -71,10 +73,10 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, stop_at):
 def test_sigint_exits_130_with_a_resume_hint(tmp_path, capsys, monkeypatch):
     original = Trainer.train_step
 
-    def train_step(self, lr):
+    def train_step(self, lr, **rates):
         if self.state.step == 4:
             signal.raise_signal(signal.SIGINT)
-        return original(self, lr)
+        return original(self, lr, **rates)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     code = main(["train", str(ROOT / "recipes" / "tiny.toml"), f"--run.output_dir={tmp_path}", *SMALL, *RELORA])
@@ -123,6 +125,23 @@ def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "written by a different recipe" in err and "[model] hidden_size: checkpoint has 64, recipe has 128" in err
     assert "Traceback" not in err
+
+
+def test_optimizer_state_of_other_parameter_groups_is_a_clear_error(tmp_path, monkeypatch):
+    """The ReLoRA phase's optimizer keeps the adapters in a group of their own (their rate is jagged, the
+    others' smooth). A checkpoint whose optimizer grouped the parameters otherwise (as earlier versions did)
+    names the fix instead of torch's ValueError."""
+    run = recipe(tmp_path, "--training.steps=20", "--checkpoint.every=12")
+    first = Trainer(run, PlainLog(io.StringIO()))
+    first.run()
+    # The last step ends a cycle: the adapters' rate is zero there, the embeddings' and norms' is not.
+    rates = {g["adapters"]: g["lr"] for g in first.optimizer.param_groups}
+    assert rates[True] == 0.0 and rates[False] == pytest.approx(first.schedule.full_rate(19)) and rates[False] > 0
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000020")  # resume mid-phase, from step 12
+    one_group = lambda model, weight_decay: [{"params": [p for p in model.parameters() if p.requires_grad]}]  # noqa: E731
+    monkeypatch.setattr("qrelora.optim.param_groups", one_group)
+    with pytest.raises(CheckpointError, match="does not fit this run's optimizer.*--checkpoint.resume=never"):
+        Trainer(run, PlainLog(io.StringIO()))
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):

@@ -66,3 +66,18 @@ def test_optimizer_keeps_training_after_a_reset(name):
         opt.step()
         opt.zero_grad()
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_adapters_get_a_parameter_group_of_their_own():
+    """The ReLoRA phase gives adapters (ours and peft's names) and the fully trained parameters different
+    learning rates, so they sit in different groups; norms and biases are never decayed."""
+    from qrelora.optim import is_adapter, param_groups
+
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "norm": nn.LayerNorm(4)})
+    model.lora_A = nn.Parameter(torch.zeros(2, 4))
+    model.proj = nn.Linear(4, 4)
+    model.proj.weight.requires_grad = False
+    groups = param_groups(model, 0.1)
+    assert [(g["adapters"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        (False, 0.1, 1), (True, 0.1, 1), (False, 0.0, 3)]  # embedding; lora_A; norm weight and bias, proj bias
+    assert is_adapter("layers.0.q_proj.lora_B.default.weight") and not is_adapter("lm_head.weight")

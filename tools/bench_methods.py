@@ -21,7 +21,7 @@ optimizer states) and wall time. Writes a table to benchmarks/RESULTS.md and the
 benchmarks/methods_<scale>.png.
 
 --sweep instead trains ReLoRA NF4 exact with one lever changed at a time from the recipe's settings (learning
-rate ratio, warm start, cycle length, re-warm-up, reset, rank), next to full-rank AdamW.
+rate ratio, warm start, cycle length, re-warm-up, reset, alpha, which rates restart), next to full-rank AdamW.
 
 The peers need `pip install peft galore-torch apollo-torch` (the `bench` extra); plotting needs matplotlib.
 """
@@ -87,10 +87,11 @@ def sweep(base) -> list[Method]:
     levers = [
         *(f"--relora.lr_ratio={v:g}" for v in (rl.lr_ratio * 0.75, rl.lr_ratio * 1.5, rl.lr_ratio * 2.5)),
         f"--relora.warm_start_steps={min(0.5, 1.5 * rl.warm_start_steps / steps):.4g}",
-        f"--relora.restart_every={2 * every:.4g}",
+        f"--relora.restart_every={every / 2:.4g}",
         f"--relora.restart_warmup={max(1, rl.restart_warmup // 3)}",
         "--relora.reset_ratio=0.9",
         f"--relora.alpha={2 * rl.alpha:g}",
+        "--relora.jagged=all",
     ]
     nf4 = ["--quant.bits=4", "--quant.merge=exact"]
     relora_steps = steps - rl.warm_start_steps
@@ -388,7 +389,8 @@ def main():
                f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
                f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
                f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {rl.restart_every} steps "
-               f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}). " +
+               f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; "
+               f"{'only the adapters' if rl.jagged == 'adapters' else 'every'} rate restarting). " +
                ("" if args.sweep else f"GaLore / APOLLO: lr {10 * b.lr:g}, rank {max(1, dims.hidden_size // 4)}, "
                                       f"projection renewed every {rl.restart_every} steps. ") +
                f"Eval: {base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min.")
