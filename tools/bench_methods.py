@@ -385,12 +385,13 @@ def main():
     b, rl = base.training, base.relora
     first_seed = args.seeds[0] if args.seeds else 0
     dims = model_dims(base.model)
+    restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
     setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
                f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
                f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
                f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {rl.restart_every} steps "
                f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; "
-               f"{'only the adapters' if rl.jagged == 'adapters' else 'every'} rate restarting). " +
+               f"{restarting}). " +
                ("" if args.sweep else f"GaLore / APOLLO: lr {10 * b.lr:g}, rank {max(1, dims.hidden_size // 4)}, "
                                       f"projection renewed every {rl.restart_every} steps. ") +
                f"Eval: {base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min.")
