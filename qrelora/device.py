@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import Recipe, RecipeError
@@ -22,11 +24,27 @@ def check_device(recipe: Recipe) -> None:
             "--training.device=auto (CUDA when there is one, else the CPU) or --training.device=cpu."])
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a new model: the CUDA device's free memory, or the host's available memory (Linux
+    MemAvailable; the physical total where /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def build_device_for(fp32_bytes: int, free_bytes: int, relora_from_start: bool,
                      accelerator: torch.device) -> torch.device:
     """Where the trainer initialises a model (the memory estimator asks the same question): on the
-    accelerator when its fp32 weights take under half the free memory; otherwise, when ReLoRA starts at
-    step 0, on the meta device (each layer is then initialised as it is quantized); else in host memory."""
+    device (the GPU, or the CPU's host memory) when its fp32 weights take under half the free memory;
+    otherwise, when ReLoRA starts at step 0, on the meta device (each layer is then initialised as it is
+    quantized); else in host memory."""
     if fp32_bytes < free_bytes / 2:
         return accelerator
     return torch.device("meta") if relora_from_start else torch.device("cpu")

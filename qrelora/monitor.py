@@ -132,7 +132,9 @@ def run_info(trainer) -> dict[str, str]:
         cycles = (t.steps - r.relora.warm_start_steps) // r.relora.restart_every
         info["relora"] = (f"rank {r.relora.rank}, {cycles} cycles of {r.relora.restart_every} steps after "
                           f"{r.relora.warm_start_steps} full-rank steps; {codec_for(r.quant, t.dtype).label} base, "
-                          f"{r.quant.merge} merge, {r.relora.reset} reset {r.relora.reset_ratio:g}")
+                          f"{r.quant.merge} merge, {r.relora.reset} reset {r.relora.reset_ratio:g}; "
+                          f"{r.relora.lr_ratio:g}x rate, restarting for "
+                          f"{'the adapters only' if r.relora.jagged == 'adapters' else 'every parameter'}")
     else:
         info["relora"] = "off (full-rank training)"
     return info

@@ -26,7 +26,7 @@ from . import checkpoint
 from . import config as cfgmod
 from .config import Recipe
 from .data import TokenData, build_data, load_tokenizer
-from .device import build_device_for, check_device, device_type
+from .device import build_device_for, check_device, device_type, free_memory
 from .errors import EXIT_INTERRUPTED, QreloraError
 from .models import (build_model, disable_activation_checkpointing, enable_activation_checkpointing,
                      fp32_model_bytes, held_out_loss, is_activation_checkpointing, materialize)
@@ -502,11 +502,13 @@ def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReL
 
 
 def initial_device(recipe: Recipe, vocab_size: int, device: torch.device, relora_from_start: bool) -> torch.device:
-    """Where the model is initialised: host memory, unless the run is on CUDA (see build_device_for)."""
-    if device.type != "cuda" or recipe.model.init_from:
+    """Where the model is initialised (see build_device_for); a model loaded from model.init_from is read
+    into host memory. On the CPU too a model whose fp32 weights would not fit (a 7B model needs 25 GiB) is
+    built on the meta device when ReLoRA starts at step 0."""
+    if recipe.model.init_from:
         return torch.device("cpu")
-    return build_device_for(fp32_model_bytes(recipe.model, vocab_size, recipe.data.seq_len),
-                            torch.cuda.mem_get_info(device)[0], relora_from_start, device)
+    return build_device_for(fp32_model_bytes(recipe.model, vocab_size, recipe.data.seq_len), free_memory(device),
+                            relora_from_start, device)
 
 
 def timed(fn):

@@ -37,7 +37,7 @@ def test_banner_and_live_row_show_what_a_user_needs(tmp_path):
     text = console.export_text()
     for field in ("device", "CPU (", "versions", "torch", "bitsandbytes", "precision", "bf16 autocast", "model",
                   "hidden 64, 2 layers", "parameters", "trainable", "frozen in", "batch", "tokens/step",
-                  "relora", "2 cycles of 4 steps", "optimizer"):
+                  "relora", "2 cycles of 4 steps", "restarting for the adapters only", "optimizer"):
         assert field in text, field
     for column in ("loss", "eval loss / ppl", "lr", "grad", "tok/s", "MFU", "mem", "step", "phase", "12/12"):
         assert column in text, column

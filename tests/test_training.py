@@ -160,6 +160,21 @@ def test_where_the_trainer_builds():
     assert build_device_for(27 * 2**30, 24 * 2**30, False, gpu).type == "cpu"
 
 
+def test_a_model_too_big_for_host_memory_is_built_layer_by_layer_on_cpu(monkeypatch):
+    """On the CPU the same rule as on a GPU: a 7B model (25 GiB in fp32) going straight to ReLoRA is built
+    on the meta device instead of whole in host memory (which a 24 GiB machine cannot hold)."""
+    cpu = torch.device("cpu")
+    seven_b = load_recipe(ROOT / "recipes" / "7b_24gb.toml", ["--training.device=cpu"])
+    monkeypatch.setattr(qrelora.train, "free_memory", lambda device: 24 * 2**30)
+    assert qrelora.train.initial_device(seven_b, 32000, cpu, True).type == "meta"
+    assert qrelora.train.initial_device(seven_b, 32000, cpu, False) == cpu  # a warm start needs it whole
+    tiny = load_recipe(ROOT / "recipes" / "tiny.toml")
+    assert qrelora.train.initial_device(tiny, 8192, cpu, True) == cpu
+    from qrelora.device import free_memory
+
+    assert 0 < free_memory(cpu) < 2**50
+
+
 def test_relora_phase_can_drop_activation_checkpointing(tmp_path):
     """relora.activation_checkpointing = false: the warm start recomputes activations, the ReLoRA phase does not
     (and so dequantizes each frozen weight again in its backward instead of keeping the recompute's)."""

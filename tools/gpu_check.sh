@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for the lent GPU machine (no network; Python 3.12 with torch, transformers,
-# accelerate, tokenizers). Bring, under .gpu/ (git-ignored, carried by the device tool):
+# accelerate, tokenizers). It needs .gpu/ (git-ignored, carried by the device tool), which
+# `bash tools/gpu_prepare.sh [methods]` assembles beforehand on a machine with the package index:
 #   .gpu/wheels/   bitsandbytes (manylinux x86-64, its CUDA kernels inside), pytest, pluggy, iniconfig
+#                  (and peft, galore-torch, apollo-torch with `methods`)
 #   .gpu/tok32k/   a 32000-entry LLaMA-style tokenizer directory (tokenizer.json)
-#   .gpu/cache/    QRELORA_CACHE with the sample texts (and their token stream)
+#   .gpu/cache/    QRELORA_CACHE with the sample texts
 # Results go to $OUT (logs and a RESULTS.md section per benchmark).
 #   tools/gpu_check.sh                     every part (more than one 10-minute call: name parts instead)
 #   tools/gpu_check.sh profile recipes     only these
 set -u
+if [[ ! -d .gpu/wheels || ! -f .gpu/tok32k/tokenizer.json || ! -d .gpu/cache/sample ]]; then
+  echo "gpu_check.sh: .gpu/ is missing or incomplete; run 'bash tools/gpu_prepare.sh' first (where the package" \
+       "index is reachable) and carry .gpu with the call." >&2
+  exit 2
+fi
 PY=$(command -v python3 || command -v python)
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"

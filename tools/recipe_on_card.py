@@ -2,6 +2,7 @@
 
     python tools/recipe_on_card.py --tokenizer DIR [--cap-gib 24] [recipes/1b3_24gb.toml recipes/7b_24gb.toml]
     python tools/recipe_on_card.py --dry-run     # the same plumbing on CPU with a tiny shape (tested)
+    python tools/recipe_on_card.py --cpu recipes/7b_24gb.toml   # the recipe's real model on the CPU: times only
 
 Each recipe runs in its own process with its own micro-batch, accumulation, checkpointing, optimizer and
 storage format; only the length changes: `--warm-steps` full-rank steps when the recipe has a warm start (the
@@ -12,6 +13,11 @@ recipes' t5-base within 100 entries). `torch.cuda.set_per_process_memory_fractio
 past the cap, as a card of that size would; memory outside the allocator (CUDA context, paged optimizer
 states) does not count against that limit, so it is reported and added to the reserved peak for the verdict.
 Reported per phase: wall time, tokens/s, peak allocated and reserved, and the estimate of `qrelora memory`.
+
+`--cpu` runs the recipe's own model shape, storage and merges on the CPU with one micro-batch of 64 tokens
+and torch's AdamW: no memory verdict, but the time of each part that does not depend on the batch (the
+build from the meta device with its master copy written to disk, the merge, the checkpoint) for a model
+too big to try on a card without knowing where its time goes.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +42,8 @@ RECIPES = ["recipes/1b3_24gb.toml", "recipes/7b_24gb.toml"]
 DRY_RUN = ["--model.preset=custom", "--model.hidden_size=128", "--model.num_layers=2", "--model.num_heads=4",
            "--model.mlp_size=256", "--data.seq_len=64", "--training.micro_batch_size=4", "--training.device=cpu",
            "--data.tokenizer=sample", "--relora.rank=8", "--optim.name=adamw"]
+ON_CPU = ["--training.device=cpu", "--training.micro_batch_size=1", "--training.grad_accum=1", "--data.seq_len=64",
+          "--optim.name=adamw"]
 
 
 def child(recipe_path: str, overrides: list[str], warm_steps: int, cycle_steps: int, cap_gib: float) -> dict:
@@ -141,6 +151,10 @@ def table(name: str, r: dict, cap_gib: float) -> list[str]:
             "| phase | time | tokens/s | peak allocated (GiB) | estimated (GiB) | peak reserved + outside (GiB) | "
             f"fits {cap_gib:g} GiB |", "|---|---|---|---|---|---|---|"]
     outside = r["outside_allocator"] if r["outside_allocator"] == r["outside_allocator"] else 0
+    measured_memory = any("peak_allocated" in p for p in r["phases"].values())
+    if not measured_memory:  # the CPU: times only
+        rows[0] = rows[0].split("; memory outside")[0] + "."
+        rows[2:] = ["| phase | time | tokens/s |", "|---|---|---|"]
     for phase in ("build", "full-rank", "ReLoRA", "checkpoint"):
         p = r["phases"].get(phase)
         if p is None:
@@ -150,6 +164,9 @@ def table(name: str, r: dict, cap_gib: float) -> list[str]:
         speed = f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else ""
         held = p.get("peak_reserved", 0) + outside if "peak_reserved" in p else None
         verdict = "" if held is None else "yes" if held <= cap_gib * GiB else "**no**"
+        if not measured_memory:
+            rows.append(f"| {phase} | {time_s} | {speed} |")
+            continue
         rows.append(f"| {phase} | {time_s} | {speed} | {gib(p.get('peak_allocated'))} | {gib(p.get('estimate'))} | "
                     f"{gib(held)} | {verdict} |")
     return rows
@@ -164,6 +181,8 @@ def main():
     ap.add_argument("--cycle-steps", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per recipe before its run is stopped")
     ap.add_argument("--dry-run", action="store_true", help="a tiny shape on CPU: checks the plumbing only")
+    ap.add_argument("--cpu", action="store_true", help="the recipe's own shape on the CPU, one 64-token micro-batch: "
+                                                       "times of build, step, merge and checkpoint")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,7 +195,7 @@ def main():
     for recipe in args.recipes:
         overrides = ["--data.dataset=sample", "--run.output_dir=" + str(Path("/tmp") / f"qrelora_card_{Path(recipe).stem}")]
         overrides += [f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else []
-        overrides += DRY_RUN if args.dry_run else []
+        overrides += DRY_RUN if args.dry_run else ON_CPU if args.cpu else []
         cmd = [sys.executable, __file__, "--child", json.dumps({"recipe": str(ROOT / recipe), "overrides": overrides}),
                "--warm-steps", str(args.warm_steps), "--cycle-steps", str(args.cycle_steps), "--cap-gib", str(args.cap_gib)]
         t0 = time.perf_counter()
@@ -200,6 +219,11 @@ def main():
 
     from results import record
 
+    if args.cpu:
+        card = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        record(Path(args.results), "24 GB recipes' models on the CPU (one 64-token micro-batch): where the time goes",
+               f"python tools/recipe_on_card.py --cpu {' '.join(args.recipes)}", card, body)
+        return
     card = torch.cuda.get_device_name()
     record(Path(args.results), f"24 GB recipes as written, capped at {args.cap_gib:g} GiB on {card}",
            f"python tools/recipe_on_card.py --tokenizer DIR --cap-gib {args.cap_gib:g}", card, body)

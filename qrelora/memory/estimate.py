@@ -377,7 +377,7 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
     # layer from the meta device (one fp32 layer at a time, quantized at once), or in host memory.
     host: dict[str, int] = {}
     if first:
-        if device_type != "cuda" or recipe.model.init_from:  # as Trainer._build_device: whole, in host memory
+        if recipe.model.init_from:  # as train.initial_device: read whole into host memory
             where = torch.device("cpu")
         else:
             where = build_device_for(sim.fp32_model_bytes, budget, bool(sim.layers), torch.device(device_type))
@@ -386,7 +386,7 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
         elif where.type == "meta":
             largest = max(layer.base.numel() for layer in sim.layers)
             candidates["build"] = {k: v for k, v in static.items() if k != "gradients"} | {
-                "build workspace": int(MERGE_MODES["exact"].workspace["cuda"] * 4 * largest)}
+                "build workspace": int(MERGE_MODES["exact"].workspace[device_type] * 4 * largest)}
         else:
             host["fp32 model while building"] = sim.fp32_model_bytes
     for key in ("master copy", "residual"):
