@@ -201,16 +201,19 @@ def test_step_count_messages_say_what_to_set(overrides, expected):
         assert fragment in str(e.value), (fragment, str(e.value))
 
 
-def test_a_cpu_run_is_estimated_as_built_whole_in_fp32():
-    """The trainer builds a CPU run's model whole in fp32 (only on CUDA layer by layer from the meta device),
-    so the pre-flight must count that, whatever the budget says."""
+def test_a_cpu_run_is_estimated_where_the_trainer_builds_it():
+    """As on CUDA (train.initial_device): whole in fp32 when that takes under half the budget, else, going
+    straight to ReLoRA, layer by layer from the meta device, so the pre-flight counts what the build holds."""
     from qrelora.memory import Estimator
     from qrelora.models import fp32_model_bytes
 
     recipe = load_recipe(TINY, [*SMALL, "--relora.warm_start_steps=0", "--relora.restart_every=100",
                                 "--training.warmup_steps=10"])
-    build = Estimator(recipe, 8192, budget=2**20).estimate(compare_checkpointing=False).phases[0].parts["build"]
-    assert build == {"full-rank weights": fp32_model_bytes(recipe.model, 8192, recipe.data.seq_len)}
+    fp32 = fp32_model_bytes(recipe.model, 8192, recipe.data.seq_len)
+    build = lambda budget: Estimator(recipe, 8192, budget).estimate(compare_checkpointing=False).phases[0].parts["build"]  # noqa: E731
+    assert build(2**30) == {"full-rank weights": fp32}
+    by_layer = build(fp32)
+    assert by_layer["full-rank weights"] < fp32 and by_layer["build workspace"] > 0  # embeddings and head only
 
 
 def test_largest_micro_batch_on_cpu_takes_few_estimates():

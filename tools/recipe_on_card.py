@@ -222,7 +222,8 @@ def main():
     if args.cpu:
         card = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
         record(Path(args.results), "24 GB recipes' models on the CPU (one 64-token micro-batch): where the time goes",
-               f"python tools/recipe_on_card.py --cpu {' '.join(args.recipes)}", card, body)
+               f"python tools/recipe_on_card.py --cpu{' --tokenizer DIR' if args.tokenizer else ''} "
+               f"{' '.join(args.recipes)}", card, body)
         return
     card = torch.cuda.get_device_name()
     record(Path(args.results), f"24 GB recipes as written, capped at {args.cap_gib:g} GiB on {card}",
