@@ -87,7 +87,9 @@ def sweep(base) -> list[Method]:
     levers = [
         # relora.lr_ratio is at most 10 (recipe check); the third rate is left out when it would pass that
         *(f"--relora.lr_ratio={v:g}" for v in (rl.lr_ratio * 0.75, rl.lr_ratio * 1.5, rl.lr_ratio * 2.5) if v <= 10),
-        f"--relora.warm_start_steps={min(0.5, 1.5 * rl.warm_start_steps / steps):.4g}",
+        # one cycle longer: a fractional warm start is rounded to whole cycles, so anything less comes back
+        # to the recipe's own (0.5 did, with 100-step cycles in 300 steps)
+        f"--relora.warm_start_steps={(rl.warm_start_steps + rl.restart_every) / steps:.4g}",
         f"--relora.restart_every={every / 2:.4g}",
         f"--relora.restart_warmup={max(1, rl.restart_warmup // 3)}",
         "--relora.reset_ratio=0.9",
