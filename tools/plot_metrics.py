@@ -81,7 +81,8 @@ def plot(records: list[dict], out: Path, title: str, run_dir: Path | None = None
     ax.set_ylabel("loss")
     ax.set_title(title)
     steps, lrs, lr_source = lr_curve(records, run_dir if run_dir is not None else Path("."))
-    axes[1].plot(steps, lrs, lw=1, color="tab:green", label=f"learning rate ({lr_source})")
+    axes[1].plot(steps, lrs, lw=1, color="tab:green",
+                 label=f"learning rate (the adapters' after the switch; {lr_source})")
     zero_steps = [m["step"] for m in merges]
     axes[1].plot(zero_steps, [0.0] * len(zero_steps), "v", ms=4, color="tab:red",
                  label="lr 0 for the one step before each merge")
