@@ -144,31 +144,29 @@ def gib(n) -> str:
 
 
 def table(name: str, r: dict, cap_gib: float) -> list[str]:
-    rows = [f"**{name}**: micro-batch {r['micro_batch_size']} x accumulation {r['grad_accum']} "
-            f"({r['tokens_per_step']:,} tokens per step), {r['warm_steps']} warm-start steps, one cycle of "
-            f"{r['cycle_steps']} steps, a merge and a checkpoint; memory outside the allocator "
-            f"{gib(r['outside_allocator'])} GiB.", "",
-            "| phase | time | tokens/s | peak allocated (GiB) | estimated (GiB) | peak reserved + outside (GiB) | "
-            f"fits {cap_gib:g} GiB |", "|---|---|---|---|---|---|---|"]
+    """The per-phase table; times only when nothing measured memory (the CPU)."""
+    memory = any("peak_allocated" in p for p in r["phases"].values())
     outside = r["outside_allocator"] if r["outside_allocator"] == r["outside_allocator"] else 0
-    measured_memory = any("peak_allocated" in p for p in r["phases"].values())
-    if not measured_memory:  # the CPU: times only
-        rows[0] = rows[0].split("; memory outside")[0] + "."
-        rows[2:] = ["| phase | time | tokens/s |", "|---|---|---|"]
+    intro = (f"**{name}**: micro-batch {r['micro_batch_size']} x accumulation {r['grad_accum']} "
+             f"({r['tokens_per_step']:,} tokens per step), {r['warm_steps']} warm-start steps, one cycle of "
+             f"{r['cycle_steps']} steps, a merge and a checkpoint")
+    columns = ["phase", "time", "tokens/s"]
+    if memory:
+        intro += f"; memory outside the allocator {gib(r['outside_allocator'])} GiB"
+        columns += ["peak allocated (GiB)", "estimated (GiB)", "peak reserved + outside (GiB)", f"fits {cap_gib:g} GiB"]
+    rows = [intro + ".", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for phase in ("build", "full-rank", "ReLoRA", "checkpoint"):
         p = r["phases"].get(phase)
         if p is None:
             continue
         time_s = (f"{p['seconds']:.1f} s" if "seconds" in p
                   else f"merge {p['merge_s']:.1f} s, switch {p['switch_s']:.1f} s" if "merge_s" in p else "")
-        speed = f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else ""
-        held = p.get("peak_reserved", 0) + outside if "peak_reserved" in p else None
-        verdict = "" if held is None else "yes" if held <= cap_gib * GiB else "**no**"
-        if not measured_memory:
-            rows.append(f"| {phase} | {time_s} | {speed} |")
-            continue
-        rows.append(f"| {phase} | {time_s} | {speed} | {gib(p.get('peak_allocated'))} | {gib(p.get('estimate'))} | "
-                    f"{gib(held)} | {verdict} |")
+        cells = [phase, time_s, f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else ""]
+        if memory:
+            held = p.get("peak_reserved", 0) + outside if "peak_reserved" in p else None
+            verdict = "" if held is None else "yes" if held <= cap_gib * GiB else "**no**"
+            cells += [gib(p.get("peak_allocated")), gib(p.get("estimate")), gib(held), verdict]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
