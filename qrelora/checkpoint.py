@@ -27,15 +27,19 @@ import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import config as cfgmod
 from .errors import BadInput
 from .files import apply_umask, fsync_dir, fsync_file, publish
+from .quant import LayoutCodec
+from .relora import TARGET_MODULES, ReLoRALinear, codec_for
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -286,8 +290,46 @@ def restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def estimate_bytes(model: torch.nn.Module, optimizer_state_bytes_per_param: float = 8.0) -> int:
-    """Rough size of one checkpoint: the model state plus Adam's two fp32 moments per trainable value."""
+def estimate_bytes(model: torch.nn.Module, optimizer_state_bytes: Callable[[list[torch.Tensor]], int]) -> int:
+    """Size of one checkpoint of this model: its state (the merges' master copy or residual included) plus
+    the optimizer's state for its trainable parameters (`optimizer_state_bytes`, an OptimizerKind's)."""
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return int(model_bytes + optimizer_state_bytes_per_param * trainable)
+    return int(model_bytes + optimizer_state_bytes([p for p in model.parameters() if p.requires_grad]))
+
+
+def relora_estimate_bytes(model: torch.nn.Module, recipe: cfgmod.Recipe,
+                          optimizer_state_bytes: Callable[[list[torch.Tensor]], int]) -> int:
+    """One checkpoint's size once the full-rank `model` has switched to ReLoRA: every attention / MLP matrix
+    as its ReLoRALinear stores it (codes, scales, master copy or residual, adapters), laid out on fake tensors
+    once per shape; the other tensors as they are; the optimizer's state (`optimizer_state_bytes`, an
+    OptimizerKind's) for what then trains."""
+    codec = LayoutCodec(codec_for(recipe.quant, recipe.training.dtype))
+    cfg, layers, replaced, trainable = recipe.relora, {}, set(), []
+    state_bytes = 0
+    for name, m in model.named_modules():
+        if not (isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES):
+            continue
+        key = (m.in_features, m.out_features, m.bias is not None)
+        if key not in layers:
+            with FakeTensorMode():
+                layers[key] = ReLoRALinear(torch.nn.Linear(*key), cfg.rank, cfg.alpha, cfg.dropout, codec,
+                                           recipe.quant.merge)
+        state_bytes += sum(t.numel() * t.element_size() for t in layers[key].state_dict().values())
+        trainable += [p for p in layers[key].parameters() if p.requires_grad]
+        replaced |= {id(t) for t in m.parameters()}
+    state_bytes += sum(t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values()
+                       if id(t) not in replaced)
+    trainable += [p for p in model.parameters() if p.requires_grad and id(p) not in replaced]
+    return state_bytes + optimizer_state_bytes(trainable)
+
+
+def saves_left(done: int, steps: int, every: int) -> int:
+    """Checkpoints a run writes from step `done` to `steps`: every `every` steps (0: none) and at the end."""
+    return ((steps - 1) // every - done // every if every else 0) + 1
+
+
+def disk_needed(one_checkpoint: int, keep_last: int, existing: int, saves: int) -> int:
+    """Disk the run's checkpoints still need: each save is written whole before the checkpoints beyond
+    keep_last are deleted, so up to keep_last + 1 exist at once; those already on disk are paid for."""
+    at_most = min(keep_last + 1, existing + saves)
+    return max(at_most - existing, 1) * one_checkpoint

@@ -324,6 +324,27 @@ class EightBitCodec(CodebookCodec):
         return like | {"codes": idx.to(torch.uint8).view(like["codes"].shape)}
 
 
+class LayoutCodec(Codec):
+    """Stands in for a codec under FakeTensorMode (the memory tool's and the disk check's): `quantize` lays out exactly the tensors the real codec
+    would store, `dequantize` makes the full-size matrix the real one would make."""
+
+    def __init__(self, codec: Codec):
+        self.codec, self.name, self.main_key = codec, codec.name, codec.main_key
+
+    def quantize(self, w):
+        return {name: torch.empty(shape, dtype=dtype, device=w.device)
+                for name, (shape, dtype) in self.codec.layout(w.shape).items()}
+
+    def quantize_stochastic(self, w, generator):
+        return self.quantize(w)
+
+    def dequantize(self, packed, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=next(iter(packed.values())).device)
+
+    def layout(self, shape):
+        return self.codec.layout(shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # The frozen weight and its merges
 

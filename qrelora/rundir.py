@@ -147,12 +147,13 @@ def check_writable(run_dir: Path) -> None:
                           "directory). Choose another place with --run.output_dir=PATH.")
 
 
-def check_free_disk(run_dir: Path, need_bytes: int) -> None:
+def check_free_disk(run_dir: Path, need_bytes: int, what: str) -> None:
+    """A RunDirError naming `what` (the thing that needs the bytes) when the disk under run_dir has less free."""
     free = shutil.disk_usage(_nearest_existing(run_dir)).free
     if free < need_bytes:
-        raise RunDirError(f"not enough free disk for a checkpoint in {run_dir}: one needs about "
-                          f"{need_bytes / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free. Free some space or "
-                          "choose another place with --run.output_dir=PATH.")
+        raise RunDirError(f"not enough free disk in {run_dir}: {what} need about {need_bytes / 2**30:.2f} GiB and "
+                          f"{free / 2**30:.2f} GiB are free. Free some space, lower checkpoint.keep_last, or choose "
+                          "another place with --run.output_dir=PATH.")
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -32,8 +32,8 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
                      fp32_model_bytes, held_out_loss, is_activation_checkpointing, materialize)
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
-from .optim import build_optimizer, carry_state, prune_adapter_moments
-from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
+from .optim import OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
+from .relora import TARGET_MODULES, ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
 from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -237,7 +237,7 @@ class Trainer:
                                "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
         relora_now = self.relora.switch_due(0) or bool(saved and saved.trainer["relora_active"])
         model = build_run_model(recipe, self.tokenizer, self.device, self.relora if relora_now else None)
-        check_free_disk(self.run_dir, checkpoint.estimate_bytes(model))
+        self._check_disk(model, done=saved.trainer["step"] if saved else 0)
         self._prepare(model)
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,6 +303,26 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # set-up
+
+    def _check_disk(self, model: nn.Module, done: int) -> None:
+        """Fail now, not hours in, when the disk cannot hold what the run will write: its checkpoints (up to
+        keep_last + 1 at once, each the larger of the two phases' when a warm start comes first) and, for a
+        run that switches to ReLoRA later with quant.master = "mmap", the master copy's files."""
+        r, ckpt = self.recipe, self.recipe.checkpoint
+        kind = OPTIMIZERS[resolve_optimizer_name(r.optim, self.device.type)]
+        one = checkpoint.estimate_bytes(model, kind.state_bytes)
+        switches_later = r.relora.enabled and not adapter_layers(model)
+        if switches_later:
+            one = max(one, checkpoint.relora_estimate_bytes(model, r, kind.state_bytes))
+        need = checkpoint.disk_needed(one, ckpt.keep_last, len(checkpoint.complete_checkpoints(self.checkpoints_dir)),
+                                      checkpoint.saves_left(done, r.training.steps, ckpt.every))
+        what = (f"the run's checkpoints ({one / 2**30:.2f} GiB each, up to keep_last = {ckpt.keep_last} of them "
+                "plus the one being written)")
+        if switches_later and r.quant.master == "mmap" and r.quant.merge == "exact":
+            need += sum(4 * m.weight.numel() for name, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES)
+            what += " and the master copy's files (quant.master = \"mmap\")"
+        check_free_disk(self.run_dir, need, what)
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)

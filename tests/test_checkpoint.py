@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qrelora import checkpoint
 from qrelora.checkpoint import CheckpointError
 from qrelora.cli import main
 from qrelora.config import load_recipe
@@ -182,8 +183,41 @@ def test_unusable_run_directory_and_full_disk_exit_2_before_training(tmp_path, c
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert main([*args, f"--run.output_dir={tmp_path / 'run'}"]) == 2
-    assert "not enough free disk for a checkpoint" in capsys.readouterr().err
+    assert "not enough free disk" in (err := capsys.readouterr().err) and "keep_last = 2" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_disk_check_knows_both_phases_checkpoint_sizes_before_training(tmp_path):
+    """What the start-up disk check computes from the full-rank model is what the saves write: a
+    warm-start checkpoint and, laid out on fake tensors before the switch, a ReLoRA-phase one."""
+    from qrelora.optim import OPTIMIZERS
+
+    trainer = Trainer(recipe(tmp_path, "--training.steps=4", "--relora.warm_start_steps=2",
+                             "--relora.restart_every=2", "--relora.restart_warmup=1", "--checkpoint.every=1",
+                             "--checkpoint.keep_last=4"),
+                      PlainLog(io.StringIO()))
+    state_bytes = OPTIMIZERS["adamw"].state_bytes
+    warm = checkpoint.estimate_bytes(trainer.unwrapped, state_bytes)
+    relora = checkpoint.relora_estimate_bytes(trainer.unwrapped, trainer.recipe, state_bytes)
+    trainer.run()
+
+    def on_disk(step):
+        return sum(f.stat().st_size for f in (tmp_path / "checkpoints" / f"step_{step:08d}").iterdir())
+
+    assert relora < warm  # NF4 codes and an fp32 master against fp32 weights and two moments per matrix
+    for predicted, step in ((warm, 1), (relora, 3)):
+        assert predicted <= on_disk(step) <= 1.02 * predicted + 200_000  # headers, RNG state, config
+
+
+def test_disk_need_counts_every_checkpoint_a_run_keeps_at_once():
+    """Each save is written whole before the oldest beyond keep_last goes: keep_last + 1 exist at once."""
+    assert checkpoint.saves_left(0, 1000, 100) == 10  # steps 100..900 and the end
+    assert checkpoint.saves_left(450, 1000, 100) == 6
+    assert checkpoint.saves_left(0, 1000, 0) == 1
+    assert checkpoint.disk_needed(10, keep_last=2, existing=0, saves=10) == 30
+    assert checkpoint.disk_needed(10, keep_last=2, existing=0, saves=1) == 10  # a short run writes one
+    assert checkpoint.disk_needed(10, keep_last=2, existing=2, saves=5) == 10  # two are already paid for
+    assert checkpoint.disk_needed(10, keep_last=1, existing=3, saves=5) == 10  # the new one comes before pruning
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from ..data import load_tokenizer
 from ..device import build_device_for, device_type
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
 from ..optim import OPTIMIZERS, resolve_optimizer_name
-from ..quant import MERGE_MODES, Codec
+from ..quant import MERGE_MODES, LayoutCodec
 from ..relora import ReLoRALinear, add_adapters, codec_for
 from .tracker import StorageTracker, bytes_by_role, register_all, roles_of
 
@@ -57,27 +57,6 @@ def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: s
         return 0
     largest = max(layer.base.numel() for layer in layers)
     return int(MERGE_MODES[merge].workspace[device_type] * 4 * largest)
-
-
-class LayoutCodec(Codec):
-    """Stands in for a codec under FakeTensorMode: `quantize` lays out exactly the tensors the real codec
-    would store, `dequantize` makes the full-size matrix the real one would make."""
-
-    def __init__(self, codec: Codec):
-        self.codec, self.name, self.main_key = codec, codec.name, codec.main_key
-
-    def quantize(self, w):
-        return {name: torch.empty(shape, dtype=dtype, device=w.device)
-                for name, (shape, dtype) in self.codec.layout(w.shape).items()}
-
-    def quantize_stochastic(self, w, generator):
-        return self.quantize(w)
-
-    def dequantize(self, packed, shape, dtype):
-        return torch.empty(shape, dtype=dtype, device=next(iter(packed.values())).device)
-
-    def layout(self, shape):
-        return self.codec.layout(shape)
 
 
 # --------------------------------------------------------------------------------------------------
