@@ -58,6 +58,7 @@ def test_step_profile_puts_dequantization_in_its_own_category(tmp_path):
     assert float(rows["optimizer step"][3]) > 0 and float(rows["q/k/v/o and MLP GEMMs"][3]) > 0
     layer_rows = [line for line in results.read_text().splitlines() if line.startswith("| ReLoRA, ")]
     assert len(layer_rows) == 2 and "x" in layer_rows[0]
+    assert "Command: `python tools/profile_step.py --quick --steps 1 2 2 --layer-repeats 2`;" in results.read_text()
 
 
 @pytest.mark.slow
@@ -70,3 +71,22 @@ def test_recipes_on_card_dry_run_reports_every_phase():
               and not line.startswith("| phase") and not line.startswith("|---")]
     # 1b3: warm start, switch, merge, checkpoint; 7b: straight to NF4 from the meta device
     assert phases == ["build", "full-rank", "ReLoRA", "checkpoint", "build", "ReLoRA", "checkpoint"], out.stdout
+
+
+def test_merge_count_mode_shortens_the_cycles_of_the_same_relora_phase():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench_methods
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from qrelora.config import load_recipe
+
+    recipe, overrides = bench_methods.SCALES["default"]
+    base = load_recipe(ROOT / recipe, overrides)
+    runs = {m.name: m.overrides for m in bench_methods.merge_counts(base)}
+    assert len(runs) == 9 and runs["ReLoRA, NF4 naive, 8 merges"] == ["--quant.bits=4", "--quant.merge=naive",
+                                                                      "--relora.restart_every=25"]
+    for name, o in runs.items():  # each run keeps the 100-step warm start: 300 steps = 100 + merges x cycle
+        every = int(o[-1].split("=")[1])
+        merges = int(name.split(", ")[-1].split()[0])
+        assert load_recipe(ROOT / recipe, [*overrides, *o]).relora.warm_start_steps == 100 == 300 - merges * every

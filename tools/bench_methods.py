@@ -22,6 +22,7 @@ benchmarks/methods_<scale>.png.
 
 --sweep instead trains ReLoRA NF4 exact with one lever changed at a time from the recipe's settings (learning
 rate ratio, warm start, cycle length, re-warm-up, reset, alpha, which rates restart), next to full-rank AdamW.
+--merges trains NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges.
 
 The peers need `pip install peft galore-torch apollo-torch` (the `bench` extra); plotting needs matplotlib.
 """
@@ -102,6 +103,19 @@ def sweep(base) -> list[Method]:
             Method("LoRA (recipe settings, no restarts)", ["--quant.bits=16", f"--relora.restart_every={relora_steps}"]),
             Method("ReLoRA NF4 exact (recipe settings)", nf4),
             *(Method(o.removeprefix("--"), [*nf4, o]) for o in levers)]
+
+
+def merge_counts(base) -> list[Method]:
+    """NF4 exact, NF4 naive and the 16-bit base at the recipe's number of merges, twice and four times it
+    (shorter cycles over the same ReLoRA phase): what re-quantizing costs grows with the merges."""
+    relora_steps = base.training.steps - base.relora.warm_start_steps
+    cycles = relora_steps // base.relora.restart_every
+    bases = [("NF4 exact", ["--quant.bits=4", "--quant.merge=exact"]),
+             ("NF4 naive", ["--quant.bits=4", "--quant.merge=naive"]),
+             ("16-bit base", ["--quant.bits=16"])]
+    everies = [relora_steps // k for k in (cycles, 2 * cycles, 4 * cycles)]
+    return [Method(f"ReLoRA, {name}, {relora_steps // every} merges", [*o, f"--relora.restart_every={every}"])
+            for every in everies for name, o in bases]
 
 
 # Scales: the recipe and the overrides every method gets.
@@ -337,7 +351,10 @@ def main():
     scale = ap.add_mutually_exclusive_group()
     scale.add_argument("--quick", action="store_true", help="a 2-layer model for 30 steps: a smoke run (~4 min)")
     scale.add_argument("--gpu", action="store_true", help="the 60M preset on CUDA")
-    ap.add_argument("--sweep", action="store_true", help="vary ReLoRA's levers one at a time instead")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true", help="vary ReLoRA's levers one at a time instead")
+    mode.add_argument("--merges", action="store_true",
+                      help="NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges instead")
     ap.add_argument("--only", nargs="*", help="run only the methods whose name contains one of these (the "
                     "ratios to full-rank need \"full-rank AdamW\" among them)")
     ap.add_argument("--one-seed", action="store_true", help="skip the second-seed runs")
@@ -361,10 +378,11 @@ def main():
     recipe_path, scale_overrides = SCALES[scale]
     recipe_path = str(ROOT / recipe_path)
     user = overrides
-    # In a sweep only the final loss counts: evaluate at the start and the end.
-    overrides = [*scale_overrides, *(["--training.eval_every=0"] if args.sweep else []), *user]
+    # In a sweep or a merge count only the final loss counts: evaluate at the start and the end.
+    finals_only = args.sweep or args.merges
+    overrides = [*scale_overrides, *(["--training.eval_every=0"] if finals_only else []), *user]
     base = load_recipe(recipe_path, overrides)
-    todo = sweep(base) if args.sweep else methods(base)
+    todo = sweep(base) if args.sweep else merge_counts(base) if args.merges else methods(base)
     if args.only:
         todo = [m for m in todo if any(o in m.name for o in args.only)]
 
@@ -372,7 +390,7 @@ def main():
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for m in todo:
-            run_seeds = args.seeds or ((0, 1) if m.second_seed and not (args.sweep or args.one_seed) else (0,))
+            run_seeds = args.seeds or ((0, 1) if m.second_seed and not (finals_only or args.one_seed) else (0,))
             for seed in run_seeds:
                 r = run_one(m, seed, recipe_path, overrides, Path(tmp))
                 if seed == run_seeds[0]:
@@ -389,18 +407,20 @@ def main():
     first_seed = args.seeds[0] if args.seeds else 0
     dims = model_dims(base.model)
     restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
+    everies = sorted({int(o.split("=")[1]) for m in todo for o in m.overrides if o.startswith("--relora.restart_every=")},
+                     reverse=True) if args.merges else [rl.restart_every]
     setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
                f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
                f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
-               f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {rl.restart_every} steps "
+               f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {' / '.join(map(str, everies))} steps "
                f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; "
                f"{restarting}). " +
-               ("" if args.sweep else f"GaLore / APOLLO: lr {10 * b.lr:g}, rank {max(1, dims.hidden_size // 4)}, "
+               ("" if finals_only else f"GaLore / APOLLO: lr {10 * b.lr:g}, rank {max(1, dims.hidden_size // 4)}, "
                                       f"projection renewed every {rl.restart_every} steps. ") +
                f"Eval: {base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min.")
     table = methods_table(rows)
     body = [setting, "", *table]
-    if not args.sweep:
+    if not finals_only:
         spread, noise = spread_table(seeds)
         if len(spread) > 2:  # some method ran with more than one seed
             body += ["", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "", *spread]
@@ -411,13 +431,13 @@ def main():
         if plot(rows, png, f"Eval loss, {scale} benchmark ({b.steps} steps, seed {first_seed})"):
             body += ["", f"Curves: [{png.name}]({png.name})"]
     print("\n".join(body))
-    what = "ReLoRA lever sweep" if args.sweep else "Methods benchmark"
+    what = "ReLoRA lever sweep" if args.sweep else "Merge count" if args.merges else "Methods benchmark"
     # A partial run (--only, --seeds, overrides) gets its own section instead of replacing the full table.
     heading = f"{what} ({scale})" + (f", {' '.join(user)}" if user else "") + \
         (f", only {' / '.join(args.only)}" if args.only else "") + \
         (f", seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
     command = "python tools/bench_methods.py" + {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + \
-        (" --sweep" if args.sweep else "") + "".join(f" {o}" for o in user) + \
+        (" --sweep" if args.sweep else " --merges" if args.merges else "") + "".join(f" {o}" for o in user) + \
         (" --only " + " ".join(repr(o) for o in args.only) if args.only else "") + \
         (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
     import torch

@@ -179,29 +179,33 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dev
         layers["ReLoRA, reuse" if reuse else "ReLoRA, dequantize again"] = layer
     x = torch.randn(tokens, in_features, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    times = {}
-    for checkpointed in (False, True):
-        for name, layer in layers.items():
-            if checkpointed is False and name == "ReLoRA, dequantize again":
-                continue  # without checkpointing the weight is never kept: the same code as "reuse"
-            opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-4)
-            seconds = []
-            for i in range(repeats + 2):
-                sync()
-                t0 = time.perf_counter()
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
-                y.float().square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
-                if i >= 2:
-                    seconds.append(time.perf_counter() - t0)
-            times[(name, checkpointed)] = statistics.median(seconds)
-    return times
+    # Without checkpointing the weight is never kept: "dequantize again" would be the same code as "reuse".
+    variants = [(name, checkpointed) for checkpointed in (False, True) for name in layers
+                if checkpointed or name != "ReLoRA, dequantize again"]
+    optimizers = {v: torch.optim.AdamW([p for p in layers[v[0]].parameters() if p.requires_grad], lr=1e-4)
+                  for v in variants}
+    seconds = {v: [] for v in variants}
+    # Round-robin, so that a slow spell of a shared machine falls on every variant alike.
+    for i in range(repeats + 2):
+        for name, checkpointed in variants:
+            layer, opt = layers[name], optimizers[(name, checkpointed)]
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+            y.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= 2:
+                seconds[(name, checkpointed)].append(time.perf_counter() - t0)
+    return {v: statistics.median(s) for v, s in seconds.items()}
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+STEPS, LAYER_REPEATS = (2, 3, 5), 30  # rounds of the layer variants, which take turns
 
 
 def main():
@@ -210,8 +214,8 @@ def main():
     scale.add_argument("--gpu", action="store_true", help="the 1b3_24gb recipe's shape on CUDA")
     scale.add_argument("--quick", action="store_true", help="a 2-layer model and a small layer: a smoke run")
     ap.add_argument("--tokenizer", default="", help="a local tokenizer directory (the GPU machine has no hub)")
-    ap.add_argument("--steps", type=int, nargs=3, default=(2, 3, 5), metavar=("WARMUP", "PROFILED", "TIMED"))
-    ap.add_argument("--layer-repeats", type=int, default=10)
+    ap.add_argument("--steps", type=int, nargs=3, default=STEPS, metavar=("WARMUP", "PROFILED", "TIMED"))
+    ap.add_argument("--layer-repeats", type=int, default=LAYER_REPEATS)
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -248,7 +252,7 @@ def main():
     device = "cuda" if args.gpu else "cpu"
     times = layer_times(out_f, in_f, tokens, rank, device, args.layer_repeats)
     body += ["", f"One layer, {out_f} x {in_f}, {tokens:,} tokens, rank {rank}, 4-bit (NF4) base; forward + backward "
-             f"+ AdamW step under bf16 autocast, median of {args.layer_repeats}:", "",
+             f"+ AdamW step under bf16 autocast, median of {args.layer_repeats} (the variants taking turns):", "",
              "| layer | no checkpointing | checkpointed | speed vs nn.Linear (no ckpt / ckpt) |", "|---|---|---|---|"]
     lin = times[("nn.Linear", False)], times[("nn.Linear", True)]
     for name in ("nn.Linear", "ReLoRA, reuse", "ReLoRA, dequantize again"):
@@ -258,8 +262,12 @@ def main():
     print("\n".join(body))
     machine = (f"CUDA ({__import__('torch').cuda.get_device_name()})" if args.gpu
                else f"CPU ({platform.machine()}, {__import__('os').cpu_count()} cores)")
+    given = [f"--{scale}"] if scale != "cpu" else []
+    given += [f"--tokenizer {args.tokenizer}"] if args.tokenizer else []
+    given += [f"--steps {' '.join(map(str, args.steps))}"] if tuple(args.steps) != STEPS else []
+    given += [f"--layer-repeats {args.layer_repeats}"] if args.layer_repeats != LAYER_REPEATS else []
     record(Path(args.results), f"Step profile, ReLoRA against full-rank ({scale})",
-           "python tools/profile_step.py" + {"gpu": " --gpu", "quick": " --quick", "cpu": ""}[scale], machine, body)
+           " ".join(["python tools/profile_step.py", *given]), machine, body)
 
 
 if __name__ == "__main__":
