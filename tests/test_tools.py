@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,8 @@ def test_recipes_on_card_dry_run_reports_every_phase():
               and not line.startswith("| phase") and not line.startswith("|---")]
     # 1b3: warm start, switch, merge, checkpoint; 7b: straight to NF4 from the meta device
     assert phases == ["build", "full-rank", "ReLoRA", "checkpoint", "build", "ReLoRA", "checkpoint"], out.stdout
+    assert out.stdout.count("GiB on disk)") == 2
+    assert not list(Path(tempfile.gettempdir()).glob("qrelora_card_*"))  # each run removed once measured
 
 
 def test_merge_count_mode_shortens_the_cycles_of_the_same_relora_phase():

@@ -27,9 +27,11 @@ import io
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,9 +121,10 @@ def child(recipe_path: str, overrides: list[str], warm_steps: int, cycle_steps: 
             progress(f"step {trainer.state.step} ({phase}): {record.seconds:.1f} s" + (f", merge {merge_s:.1f} s" if merging else ""))
         phases["ReLoRA"] = {**memory(), "merge_s": merge_s, "switch_s": switch_s}
         t = begin()
-        trainer.save_checkpoint()
+        saved = trainer.save_checkpoint()
         sync()
-        phases["checkpoint"] = {"seconds": time.perf_counter() - t, **memory()}
+        phases["checkpoint"] = {"seconds": time.perf_counter() - t, **memory(),
+                                "disk_bytes": sum(f.stat().st_size for f in saved.iterdir())}
         progress(f"checkpoint saved in {phases['checkpoint']['seconds']:.1f} s")
         outside = float("nan")
         if cuda:
@@ -161,6 +164,7 @@ def table(name: str, r: dict, cap_gib: float) -> list[str]:
             continue
         time_s = (f"{p['seconds']:.1f} s" if "seconds" in p
                   else f"merge {p['merge_s']:.1f} s, switch {p['switch_s']:.1f} s" if "merge_s" in p else "")
+        time_s += f" ({gib(p['disk_bytes'])} GiB on disk)" if "disk_bytes" in p else ""
         cells = [phase, time_s, f"{p['tokens_per_s']:,.0f}" if "tokens_per_s" in p else ""]
         if memory:
             held = p.get("peak_reserved", 0) + outside if "peak_reserved" in p else None
@@ -191,7 +195,10 @@ def main():
         return
     body = []
     for recipe in args.recipes:
-        overrides = ["--data.dataset=sample", "--run.output_dir=" + str(Path("/tmp") / f"qrelora_card_{Path(recipe).stem}")]
+        # Each recipe's run (checkpoint, the 7B's 24 GiB master file) is removed once measured: the two would
+        # not fit a 64 GiB disk together.
+        run_dir = Path(tempfile.gettempdir()) / f"qrelora_card_{Path(recipe).stem}"
+        overrides = ["--data.dataset=sample", f"--run.output_dir={run_dir}"]
         overrides += [f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else []
         overrides += DRY_RUN if args.dry_run else ON_CPU if args.cpu else []
         cmd = [sys.executable, __file__, "--child", json.dumps({"recipe": str(ROOT / recipe), "overrides": overrides}),
@@ -202,6 +209,8 @@ def main():
         except subprocess.TimeoutExpired as e:
             err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
             proc = subprocess.CompletedProcess(cmd, f"timed out after {args.timeout:g} s", "", err)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
