@@ -325,8 +325,9 @@ class EightBitCodec(CodebookCodec):
 
 
 class LayoutCodec(Codec):
-    """Stands in for a codec under FakeTensorMode (the memory tool's and the disk check's): `quantize` lays out exactly the tensors the real codec
-    would store, `dequantize` makes the full-size matrix the real one would make."""
+    """Stands in for a codec under FakeTensorMode (for the memory tool and the disk check): `quantize` lays out
+    exactly the tensors the real codec would store, `dequantize` makes the full-size matrix the real one would
+    make."""
 
     def __init__(self, codec: Codec):
         self.codec, self.name, self.main_key = codec, codec.name, codec.main_key

@@ -407,7 +407,8 @@ def main():
     first_seed = args.seeds[0] if args.seeds else 0
     dims = model_dims(base.model)
     restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
-    everies = sorted({int(o.split("=")[1]) for m in todo for o in m.overrides if o.startswith("--relora.restart_every=")},
+    cycle = "--relora.restart_every="
+    everies = sorted({int(o.removeprefix(cycle)) for m in todo for o in m.overrides if o.startswith(cycle)},
                      reverse=True) if args.merges else [rl.restart_every]
     setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
                f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
