@@ -93,3 +93,13 @@ def test_merge_count_mode_shortens_the_cycles_of_the_same_relora_phase():
         every = int(o[-1].split("=")[1])
         merges = int(name.split(", ")[-1].split()[0])
         assert load_recipe(ROOT / recipe, [*overrides, *o]).relora.warm_start_steps == 100 == 300 - merges * every
+
+
+def test_gpu_check_refuses_without_its_prepared_files(tmp_path):
+    """On the lent machine nothing can be fetched: without .gpu/ (tools/gpu_prepare.sh) the script stops at once
+    with exit 2 and names the fix, before touching the GPU."""
+    for script in ("gpu_check.sh", "gpu_prepare.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "tools" / script)]).returncode == 0, script
+    out = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "speed"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "run 'bash tools/gpu_prepare.sh' first" in out.stderr
