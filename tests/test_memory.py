@@ -140,6 +140,36 @@ def test_checkpointing_lowers_the_activations():
     assert phase.activations[True] < phase.activations[False]
 
 
+def test_disk_estimate_is_what_the_run_writes(tmp_path):
+    """The disk line of the memory tool comes from each phase's fake model; a real run's checkpoints are that
+    size, and as many exist at once as it says."""
+    import io
+
+    from qrelora.monitor import PlainLog
+    from qrelora.train import Trainer
+
+    recipe = load_recipe(TINY, SMALL + [f"--run.output_dir={tmp_path}", "--training.steps=4", "--training.warmup_steps=1",
+                                        "--relora.warm_start_steps=2", "--relora.restart_every=2",
+                                        "--relora.restart_warmup=1", "--checkpoint.every=1", "--checkpoint.keep_last=2"])
+    e = Estimator(recipe, 8192, GiB).estimate(compare_checkpointing=False)
+    assert e.checkpoints_at_once == 3  # keep_last + the one being written
+
+    written = []
+    trainer = Trainer(recipe, PlainLog(io.StringIO()))
+    save = trainer.save_checkpoint
+
+    def save_and_measure():
+        path = save()
+        written.append(sum(f.stat().st_size for f in path.iterdir()))
+        return path
+
+    trainer.save_checkpoint = save_and_measure
+    trainer.run()
+    for phase, size in zip(e.phases, (written[0], written[-1])):  # step 1: warm start; the end: ReLoRA
+        assert phase.checkpoint_bytes <= size <= 1.02 * phase.checkpoint_bytes + 200_000, (phase.name, size)
+    assert e.disk_need == 3 * max(p.checkpoint_bytes for p in e.phases)  # no memory-mapped master here
+
+
 def test_memory_command_json_is_one_object(capsys):
     code = main(["memory", str(TINY), *SMALL, "--json"])
     out = capsys.readouterr().out
@@ -154,6 +184,7 @@ def test_memory_command_json_is_one_object(capsys):
     assert relora["need"] == sum(relora["device"].values())
     assert {"master copy", "rank-probe copies"} <= set(relora["host"])
     assert set(relora["activations"]) == {"checkpointing_on", "checkpointing_off"}
+    assert report["disk_need"] >= max(p["checkpoint_bytes"] for p in report["phases"]) > 0
 
 
 def test_memory_command_exit_codes(tmp_path, capsys):

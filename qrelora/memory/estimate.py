@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .. import checkpoint
 from ..config import Recipe
 from ..data import load_tokenizer
 from ..device import build_device_for, device_type
@@ -161,6 +162,8 @@ class PhaseEstimate:
     """Optimizer-state bytes in CUDA managed (paged) memory, which torch's allocator does not count."""
     checkpointing: bool = True
     """Whether this phase runs with activation checkpointing (Recipe.checkpointing)."""
+    checkpoint_bytes: int = 0
+    """Disk bytes of one checkpoint taken in this phase (model state and optimizer state)."""
 
     @property
     def moments(self) -> dict[str, int]:
@@ -202,6 +205,8 @@ class Estimate:
     budget: int
     phases: list[PhaseEstimate]
     seconds: float = 0.0
+    checkpoints_at_once: int = 1
+    """Checkpoints on disk at the busiest moment of a fresh run (checkpoint.disk_needed)."""
 
     @property
     def device_need(self) -> int:
@@ -215,6 +220,13 @@ class Estimate:
         training = max(sum(v for k, v in p.host.items() if "disk" not in k and "building" not in k)
                        for p in self.phases)
         return max(building, training)
+
+    @property
+    def disk_need(self) -> int:
+        """Disk a fresh run fills: its checkpoints at their busiest moment, each the larger phase's, and the
+        memory-mapped master copy."""
+        master = max(sum(v for k, v in p.host.items() if "disk" in k) for p in self.phases)
+        return self.checkpoints_at_once * max(p.checkpoint_bytes for p in self.phases) + master
 
     @property
     def need(self) -> int:
@@ -233,7 +245,7 @@ class Estimate:
             p["activations"] = {"checkpointing_on": phase.activations.get(True),
                                 "checkpointing_off": phase.activations.get(False)}
         return d | {"device_need": self.device_need, "host_need": self.host_need, "need": self.need, "fits": self.fits,
-                    "headroom": 1 - self.need / self.budget}
+                    "headroom": 1 - self.need / self.budget, "disk_need": self.disk_need}
 
 
 def _phases_of(recipe: Recipe) -> list[tuple[str, bool]]:
@@ -280,15 +292,19 @@ class Estimator:
             sim = self.simulator(relora, checkpointing).run(micro_batch)
             phase = _phase(r, name, sim, self.optimizer, self.device_type, self.budget, first=i == 0)
             phase.checkpointing = checkpointing
+            phase.checkpoint_bytes = checkpoint.estimate_bytes(self.simulator(relora, checkpointing).model,
+                                                               OPTIMIZERS[self.optimizer].state_bytes)
             phase.activations[checkpointing] = _activations(sim)
             if compare_checkpointing:
                 one, two = (_activations(self.simulator(relora, not checkpointing, d).run(micro_batch)) for d in (1, 2))
                 depth = self.simulator(relora, checkpointing).depth
                 phase.activations[not checkpointing] = one + (depth - 1) * (two - one)
             phases.append(phase)
+        saves = checkpoint.saves_left(0, r.training.steps, r.checkpoint.every)
         estimate = Estimate(self.recipe_name, self.device_type, micro_batch, r.data.seq_len, self.vocab_size,
                             self.vocab_source, self.optimizer, r.training.activation_checkpointing, self.budget,
-                            phases, seconds=time.perf_counter() - t0)
+                            phases, seconds=time.perf_counter() - t0,
+                            checkpoints_at_once=checkpoint.disk_needed(1, r.checkpoint.keep_last, 0, saves))
         if not compare_checkpointing:
             self._plain[micro_batch] = estimate
         return estimate

@@ -154,10 +154,13 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     what = "device + host memory" if r_cpu else "device memory"
     console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
                   f"{worst.name.split(' (')[0]} phase); budget {e.budget / GiB:.2f} GiB: {verdict}.")
-    disk = max(sum(v for k, v in p.host.items() if "disk" in k) for p in e.phases)
-    if not r_cpu or disk:
-        console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB"
-                      + (f"; disk: {disk / GiB:.2f} GiB for the memory-mapped master copy." if disk else "."))
+    master = max(sum(v for k, v in p.host.items() if "disk" in k) for p in e.phases)
+    if not r_cpu:
+        console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB.")
+    one = max(p.checkpoint_bytes for p in e.phases)
+    console.print(f"Disk: {e.disk_need / GiB:.2f} GiB ({e.checkpoints_at_once} checkpoint"
+                  f"{'s' if e.checkpoints_at_once > 1 else ''} of up to {one / GiB:.2f} GiB at once"
+                  + (f", and {master / GiB:.2f} GiB for the memory-mapped master copy)." if master else ")."))
     console.print(f"Largest micro-batch that fits {e.budget / GiB:.2f} GiB: "
                   + (f"[bold]{largest}[/] x {e.seq_len} tokens (the recipe has {e.micro_batch_size})." if largest
                      else "none: even one sequence does not fit; see the categories above."))
