@@ -222,11 +222,15 @@ class Estimate:
         return max(building, training)
 
     @property
+    def master_on_disk(self) -> int:
+        """The memory-mapped master copy's files (quant.master = "mmap")."""
+        return max(sum(v for k, v in p.host.items() if "disk" in k) for p in self.phases)
+
+    @property
     def disk_need(self) -> int:
         """Disk a fresh run fills: its checkpoints at their busiest moment, each the larger phase's, and the
         memory-mapped master copy."""
-        master = max(sum(v for k, v in p.host.items() if "disk" in k) for p in self.phases)
-        return self.checkpoints_at_once * max(p.checkpoint_bytes for p in self.phases) + master
+        return self.checkpoints_at_once * max(p.checkpoint_bytes for p in self.phases) + self.master_on_disk
 
     @property
     def need(self) -> int:

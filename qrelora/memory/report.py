@@ -154,7 +154,7 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     what = "device + host memory" if r_cpu else "device memory"
     console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
                   f"{worst.name.split(' (')[0]} phase); budget {e.budget / GiB:.2f} GiB: {verdict}.")
-    master = max(sum(v for k, v in p.host.items() if "disk" in k) for p in e.phases)
+    master = e.master_on_disk
     if not r_cpu:
         console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB.")
     one = max(p.checkpoint_bytes for p in e.phases)
