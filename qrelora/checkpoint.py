@@ -39,7 +39,7 @@ from . import config as cfgmod
 from .errors import BadInput
 from .files import apply_umask, fsync_dir, fsync_file, publish
 from .quant import LayoutCodec
-from .relora import TARGET_MODULES, ReLoRALinear, codec_for
+from .relora import ReLoRALinear, codec_for, target_linears
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -306,9 +306,7 @@ def relora_estimate_bytes(model: torch.nn.Module, recipe: cfgmod.Recipe,
     codec = LayoutCodec(codec_for(recipe.quant, recipe.training.dtype))
     cfg, layers, replaced, trainable = recipe.relora, {}, set(), []
     state_bytes = 0
-    for name, m in model.named_modules():
-        if not (isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES):
-            continue
+    for _, m in target_linears(model):
         key = (m.in_features, m.out_features, m.bias is not None)
         if key not in layers:
             with FakeTensorMode():

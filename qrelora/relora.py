@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def codec_for(quant: QuantConfig, training_dtype: str = "bf16") -> Codec:
     return make_codec(quant, dense_dtype_for(training_dtype))
 
 
+def target_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    """The attention and MLP linears that ReLoRA replaces, with their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES:
+            yield name, module
+
+
 def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",
                  mmap_dir: Path | None = None, seed: int = 0, device: torch.device | str | None = None,
                  codec: Codec | None = None) -> list[ReLoRALinear]:
@@ -96,8 +104,7 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
     checkpointed = is_activation_checkpointing(model)
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES]
+    names = [name for name, _ in target_linears(model)]
     layers = []
     for i, name in enumerate(names):
         parent_name, child = name.rsplit(".", 1)

@@ -33,7 +33,7 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import TARGET_MODULES, ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit
+from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit, target_linears
 from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -319,8 +319,7 @@ class Trainer:
         what = (f"the run's checkpoints ({one / 2**30:.2f} GiB each, up to keep_last = {ckpt.keep_last} of them "
                 "plus the one being written)")
         if switches_later and r.quant.master == "mmap" and r.quant.merge == "exact":
-            need += sum(4 * m.weight.numel() for name, m in model.named_modules()
-                        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES)
+            need += sum(4 * m.weight.numel() for _, m in target_linears(model))
             what += " and the master copy's files (quant.master = \"mmap\")"
         check_free_disk(self.run_dir, need, what)
 

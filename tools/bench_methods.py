@@ -105,17 +105,22 @@ def sweep(base) -> list[Method]:
             *(Method(o.removeprefix("--"), [*nf4, o]) for o in levers)]
 
 
-def merge_counts(base) -> list[Method]:
-    """NF4 exact, NF4 naive and the 16-bit base at the recipe's number of merges, twice and four times it
-    (shorter cycles over the same ReLoRA phase): what re-quantizing costs grows with the merges."""
+def merge_cycles(base) -> list[int]:
+    """Cycle lengths giving the recipe's number of merges, twice and four times it, over the same ReLoRA phase."""
     relora_steps = base.training.steps - base.relora.warm_start_steps
     cycles = relora_steps // base.relora.restart_every
+    return [relora_steps // k for k in (cycles, 2 * cycles, 4 * cycles)]
+
+
+def merge_counts(base) -> list[Method]:
+    """NF4 exact, NF4 naive and the 16-bit base at each of merge_cycles: what re-quantizing costs grows with
+    the merges."""
+    relora_steps = base.training.steps - base.relora.warm_start_steps
     bases = [("NF4 exact", ["--quant.bits=4", "--quant.merge=exact"]),
              ("NF4 naive", ["--quant.bits=4", "--quant.merge=naive"]),
              ("16-bit base", ["--quant.bits=16"])]
-    everies = [relora_steps // k for k in (cycles, 2 * cycles, 4 * cycles)]
     return [Method(f"ReLoRA, {name}, {relora_steps // every} merges", [*o, f"--relora.restart_every={every}"])
-            for every in everies for name, o in bases]
+            for every in merge_cycles(base) for name, o in bases]
 
 
 # Scales: the recipe and the overrides every method gets.
@@ -407,9 +412,7 @@ def main():
     first_seed = args.seeds[0] if args.seeds else 0
     dims = model_dims(base.model)
     restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
-    cycle = "--relora.restart_every="
-    everies = sorted({int(o.removeprefix(cycle)) for m in todo for o in m.overrides if o.startswith(cycle)},
-                     reverse=True) if args.merges else [rl.restart_every]
+    everies = merge_cycles(base) if args.merges else [rl.restart_every]
     setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
                f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
                f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
