@@ -12,8 +12,10 @@ copies, allocation). Variants: ReLoRA with the checkpointed backward reusing the
 checkpointing (relora.activation_checkpointing = false), and full-rank. The step times come from steps run
 without the profiler.
 
-Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r) against an nn.Linear
-of the same shape, with and without checkpointing, under bf16 autocast: the ratio a whole step tends to.
+Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r, the recipe's adapter
+dropout) against an nn.Linear of the same shape, with and without checkpointing, under bf16 autocast: the ratio
+a whole step tends to. As in a model, the layer's input needs its gradient and an op that saves the layer's
+output follows it.
 """
 
 from __future__ import annotations
@@ -160,8 +162,11 @@ def run_child(spec: dict) -> dict:
 # Part 2: one layer
 
 
-def layer_times(out_features: int, in_features: int, tokens: int, rank: int, device: str, repeats: int) -> dict:
-    """Median seconds of forward + backward + AdamW step, bf16 autocast, fp32 trainables."""
+def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dropout: float, device: str,
+                repeats: int) -> dict:
+    """Median seconds of forward + backward + AdamW step, bf16 autocast, fp32 trainables. The input needs its
+    gradient, as every layer's input in a model does (else nn.Linear would skip its input-gradient GEMM and
+    ReLoRA, which has no weight-gradient GEMM, would skip its only large backward GEMM)."""
     import torch
     from torch import nn
     from torch.utils.checkpoint import checkpoint
@@ -173,11 +178,11 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dev
     linear = nn.Linear(in_features, out_features, bias=False, device=device)
     layers = {"nn.Linear": linear}
     for reuse in (True, False):
-        layer = ReLoRALinear(nn.Linear(in_features, out_features, bias=False, device=device), rank, rank, 0.0,
+        layer = ReLoRALinear(nn.Linear(in_features, out_features, bias=False, device=device), rank, rank, dropout,
                              FourBitCodec(), "naive")
         layer.keep_weight = reuse
         layers["ReLoRA, reuse" if reuse else "ReLoRA, dequantize again"] = layer
-    x = torch.randn(tokens, in_features, device=device)
+    x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # Without checkpointing the weight is never kept: "dequantize again" would be the same code as "reuse".
     variants = [(name, checkpointed) for checkpointed in (False, True) for name in layers
@@ -192,14 +197,23 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dev
             sync()
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16):
-                y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+                y = checkpoint(then_silu, layer, x, use_reentrant=False) if checkpointed else then_silu(layer, x)
             y.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            x.grad = None
             sync()
             if i >= 2:
                 seconds[(name, checkpointed)].append(time.perf_counter() - t0)
     return {v: statistics.median(s) for v, s in seconds.items()}
+
+
+def then_silu(layer, x):
+    """The layer followed by an op that saves its output, as the next op in a block does: so a checkpoint's
+    recompute must run the layer. (Alone, nn.Linear's recompute would be free: torch stops recomputing once it
+    has every saved tensor back, and nn.Linear saves only its inputs.)"""
+    import torch
+    return torch.nn.functional.silu(layer(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,6 +240,8 @@ def main():
 
     from results import record
 
+    from qrelora.config import load_recipe
+
     scale = "gpu" if args.gpu else "quick" if args.quick else "cpu"
     recipe, overrides, (out_f, in_f, tokens, rank) = SCALES[scale]
     overrides = [*overrides, *([f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else [])]
@@ -250,9 +266,11 @@ def main():
     body.append("| speed vs full-rank | " + " | ".join(f"{full['step_s'] / rows[n]['step_s']:.2f}x" for n in names) + " |")
 
     device = "cuda" if args.gpu else "cpu"
-    times = layer_times(out_f, in_f, tokens, rank, device, args.layer_repeats)
-    body += ["", f"One layer, {out_f} x {in_f}, {tokens:,} tokens, rank {rank}, 4-bit (NF4) base; forward + backward "
-             f"+ AdamW step under bf16 autocast, median of {args.layer_repeats} (the variants taking turns):", "",
+    dropout = load_recipe(ROOT / recipe, overrides).relora.dropout
+    times = layer_times(out_f, in_f, tokens, rank, dropout, device, args.layer_repeats)
+    body += ["", f"One layer, {out_f} x {in_f}, {tokens:,} tokens, rank {rank}, adapter dropout {dropout:g} (the "
+             f"recipe's), 4-bit (NF4) base, followed by SiLU; forward + backward (input gradient included) + AdamW step under bf16 "
+             f"autocast, median of {args.layer_repeats} (the variants taking turns):", "",
              "| layer | no checkpointing | checkpointed | speed vs nn.Linear (no ckpt / ckpt) |", "|---|---|---|---|"]
     lin = times[("nn.Linear", False)], times[("nn.Linear", True)]
     for name in ("nn.Linear", "ReLoRA, reuse", "ReLoRA, dequantize again"):
