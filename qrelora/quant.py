@@ -587,38 +587,3 @@ class FrozenWeight(nn.Module):
         for extra in ("host", "merges_done", "seed"):
             if prefix + extra in unexpected_keys:
                 unexpected_keys.remove(prefix + extra)
-
-
-class _FrozenLinearFn(torch.autograd.Function):
-    """y = x @ W^T for a frozen stored W.
-
-    Without activation checkpointing it saves only a reference to the packed weight and dequantizes again in
-    backward, so no full-size copy of W outlives the forward pass. Inside a checkpointed block (`keep_weight`)
-    it saves the dequantized W instead: the checkpoint drops it after the first forward, and the recompute that
-    runs just before the block's backward saves it again, so the backward reuses it (two dequantizations per
-    micro-batch instead of three, for one block's weights of extra memory while that block runs backward)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, frozen: FrozenWeight, keep_weight: bool) -> Tensor:
-        w = frozen.dequantize(x.dtype)
-        ctx.frozen, ctx.x_dtype, ctx.keep_weight = frozen, x.dtype, keep_weight
-        if keep_weight:
-            ctx.save_for_backward(w)
-        return x @ w.t()
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        if ctx.keep_weight:
-            w, = ctx.saved_tensors
-            w = w.to(grad_out.dtype)
-        else:
-            w = ctx.frozen.dequantize(grad_out.dtype)
-        return (grad_out @ w).to(ctx.x_dtype), None, None
-
-
-def frozen_linear(x: Tensor, frozen: FrozenWeight, keep_weight: bool = False) -> Tensor:
-    """x @ W^T for a frozen stored W; `keep_weight=True` inside activation-checkpointed blocks (see
-    _FrozenLinearFn)."""
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    return _FrozenLinearFn.apply(x, frozen, keep_weight)

@@ -7,7 +7,7 @@ from torch import nn
 
 from qrelora.config import ModelConfig, QuantConfig, ReLoRAConfig
 from qrelora.models import build_model
-from qrelora.quant import DenseCodec, FourBitCodec, FrozenWeight
+from qrelora.quant import DenseCodec, FourBitCodec, FrozenWeight, make_codec
 from qrelora.models import enable_activation_checkpointing
 from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
 
@@ -48,6 +48,34 @@ def test_adapter_layer_equals_linear_with_merged_weight():
         ref.bias.copy_(lin.bias)
     x = torch.randn(5, 96)
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("keep_weight", [False, True])
+def test_adapter_layer_output_and_gradients_are_those_of_its_formula(bits, dropout, keep_weight):
+    """The layer's own autograd function against autograd through y = x W^T + s B A dropout(x) + bias, with W
+    the dequantized frozen weight and the same dropout mask: output, and the gradients of x, A, B and bias."""
+    layer = ReLoRALinear(nn.Linear(96, 64), rank=8, alpha=16, dropout=dropout,
+                         codec=make_codec(QuantConfig(bits=bits), torch.float32))
+    layer.keep_weight = keep_weight
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    w = layer.base.dequantize()
+    A, B, bias = (p.detach().clone().requires_grad_() for p in (layer.lora_A, layer.lora_B, layer.bias))
+    x = torch.randn(2, 5, 96, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    y_ref = x_ref @ w.t() + layer.scale * nn.functional.dropout(x_ref, dropout) @ A.t() @ B.t() + bias
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for got, want in ((x.grad, x_ref.grad), (layer.lora_A.grad, A.grad), (layer.lora_B.grad, B.grad),
+                      (layer.bias.grad, bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fresh_adapter_leaves_the_layer_unchanged_and_a_is_not_zero():

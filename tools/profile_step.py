@@ -7,15 +7,17 @@ Part 1, the step: each variant trains a few real steps of the recipe (`Trainer.s
 on, as in the 24 GB recipes) in its own process under torch.profiler, and every operator's own time (CPU time on
 CPU, kernel time on CUDA) is put in one category: dequantization, the q/k/v/o and MLP GEMMs, the adapters'
 GEMMs, the LM head's GEMMs, attention, the loss, the optimizer step, and the rest (element-wise ops, norms,
-copies, allocation). Variants: ReLoRA with the checkpointed backward reusing the recompute's dequantized weight
-(the trainer's behaviour), ReLoRA dequantizing again in the backward (before that change), ReLoRA without
-checkpointing (relora.activation_checkpointing = false), and full-rank. The step times come from steps run
-without the profiler.
+copies, allocation). Variants: ReLoRA as the trainer runs it (each layer one autograd function, the
+checkpointed backward reusing the recompute's dequantized weight), ReLoRA with the layer as separate autograd
+ops (before it became one function), ReLoRA without checkpointing (relora.activation_checkpointing = false),
+and full-rank. The step times come from steps run without the profiler; `--rounds N` runs every variant N
+times, taking turns, against a shared machine's slow spells.
 
 Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r, the recipe's adapter
 dropout) against an nn.Linear of the same shape, with and without checkpointing, under bf16 autocast: the ratio
-a whole step tends to. As in a model, the layer's input needs its gradient and an op that saves the layer's
-output follows it.
+a whole step tends to; also the layer dequantizing again in the backward instead of reusing the recompute's
+weight, and the layer as separate autograd ops. As in a model, the layer's input needs its gradient and an op
+that saves the layer's output follows it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
+
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,11 +57,40 @@ SCALES = {  # recipe, overrides, (layer shape out x in, tokens, rank)
 
 
 def variants() -> dict[str, dict]:
-    return {"ReLoRA, 4-bit base": {"relora": True, "reuse": True, "extra": []},
-            "ReLoRA, 4-bit base, dequantizing again in backward": {"relora": True, "reuse": False, "extra": []},
-            "ReLoRA, 4-bit base, no checkpointing": {"relora": True, "reuse": True,
+    return {"ReLoRA, 4-bit base": {"relora": True, "separate": False, "extra": []},
+            "ReLoRA, 4-bit base, separate autograd ops": {"relora": True, "separate": True, "extra": []},
+            "ReLoRA, 4-bit base, no checkpointing": {"relora": True, "separate": False,
                                                      "extra": ["--relora.activation_checkpointing=false"]},
-            "full-rank": {"relora": False, "reuse": False, "extra": []}}
+            "full-rank": {"relora": False, "separate": False, "extra": []}}
+
+
+# --------------------------------------------------------------------------------------------------
+# The ReLoRA layer as autograd over separate ops, as qrelora computed it before the layer became one autograd
+# function: kept to measure what that function gains on each machine (same math, same weight reuse).
+
+
+def separate_ops_forward(layer, x):
+    x16 = x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+    y = FrozenMatmul.apply(x16, layer.base, layer.keep_weight)
+    y = y + layer.scale * nn.functional.linear(nn.functional.linear(layer.dropout(x), layer.lora_A), layer.lora_B)
+    return y + layer.bias if layer.bias is not None else y
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """x @ W^T, saving W inside checkpointed blocks (keep_weight) or dequantizing again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, keep_weight):
+        w = frozen.dequantize(x.dtype)
+        ctx.frozen, ctx.keep_weight = frozen, keep_weight
+        if keep_weight:
+            ctx.save_for_backward(w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w = ctx.saved_tensors[0] if ctx.keep_weight else ctx.frozen.dequantize(grad_out.dtype)
+        return grad_out.to(w.dtype) @ w, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +118,6 @@ def category(event, rank: int, vocab: int) -> str:
 
 
 def child(spec: dict) -> dict:
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -91,7 +125,7 @@ def child(spec: dict) -> dict:
     from qrelora.config import load_recipe
     from qrelora.monitor import PlainLog
     from qrelora.quant import FrozenWeight
-    from qrelora.relora import adapter_layers
+    from qrelora.relora import ReLoRALinear
     from qrelora.train import Trainer
 
     quiet_dependencies()
@@ -111,8 +145,8 @@ def child(spec: dict) -> dict:
         try:
             for _ in range(warmup):  # the first step converts to ReLoRA and pays for lazy initialisation
                 trainer.step()
-            for layer in adapter_layers(trainer.unwrapped):
-                layer.keep_weight = layer.keep_weight and spec["reuse"]
+            if spec["separate"]:
+                ReLoRALinear.forward = separate_ops_forward
             seconds = []
             for _ in range(timed):
                 sync()
@@ -167,24 +201,22 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dro
     """Median seconds of forward + backward + AdamW step, bf16 autocast, fp32 trainables. The input needs its
     gradient, as every layer's input in a model does (else nn.Linear would skip its input-gradient GEMM and
     ReLoRA, which has no weight-gradient GEMM, would skip its only large backward GEMM)."""
-    import torch
-    from torch import nn
     from torch.utils.checkpoint import checkpoint
 
     from qrelora.quant import FourBitCodec
     from qrelora.relora import ReLoRALinear
 
     torch.manual_seed(0)
-    linear = nn.Linear(in_features, out_features, bias=False, device=device)
-    layers = {"nn.Linear": linear}
-    for reuse in (True, False):
+    layers = {"nn.Linear": nn.Linear(in_features, out_features, bias=False, device=device)}
+    for name in LAYERS[1:]:
         layer = ReLoRALinear(nn.Linear(in_features, out_features, bias=False, device=device), rank, rank, dropout,
                              FourBitCodec(), "naive")
-        layer.keep_weight = reuse
-        layers["ReLoRA, reuse" if reuse else "ReLoRA, dequantize again"] = layer
+        if name == "ReLoRA, separate autograd ops":
+            layer.forward = types.MethodType(separate_ops_forward, layer)
+        layers[name] = layer
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    # Without checkpointing the weight is never kept: "dequantize again" would be the same code as "reuse".
+    # Without checkpointing the weight is never kept: "dequantize again" would be the same code as "ReLoRA".
     variants = [(name, checkpointed) for checkpointed in (False, True) for name in layers
                 if checkpointed or name != "ReLoRA, dequantize again"]
     optimizers = {v: torch.optim.AdamW([p for p in layers[v[0]].parameters() if p.requires_grad], lr=1e-4)
@@ -194,6 +226,8 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dro
     for i in range(repeats + 2):
         for name, checkpointed in variants:
             layer, opt = layers[name], optimizers[(name, checkpointed)]
+            if name != "nn.Linear":  # as add_adapters sets it, except in the variant that dequantizes again
+                layer.keep_weight = checkpointed and name != "ReLoRA, dequantize again"
             sync()
             t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16):
@@ -212,13 +246,13 @@ def then_silu(layer, x):
     """The layer followed by an op that saves its output, as the next op in a block does: so a checkpoint's
     recompute must run the layer. (Alone, nn.Linear's recompute would be free: torch stops recomputing once it
     has every saved tensor back, and nn.Linear saves only its inputs.)"""
-    import torch
-    return torch.nn.functional.silu(layer(x))
+    return nn.functional.silu(layer(x))
 
 
 # --------------------------------------------------------------------------------------------------
 
 
+LAYERS = ("nn.Linear", "ReLoRA", "ReLoRA, dequantize again", "ReLoRA, separate autograd ops")
 STEPS, LAYER_REPEATS = (2, 3, 5), 30  # rounds of the layer variants, which take turns
 
 
@@ -230,6 +264,7 @@ def main():
     ap.add_argument("--tokenizer", default="", help="a local tokenizer directory (the GPU machine has no hub)")
     ap.add_argument("--steps", type=int, nargs=3, default=STEPS, metavar=("WARMUP", "PROFILED", "TIMED"))
     ap.add_argument("--layer-repeats", type=int, default=LAYER_REPEATS)
+    ap.add_argument("--rounds", type=int, default=1, help="run each step variant this many times, taking turns")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -247,17 +282,26 @@ def main():
     overrides = [*overrides, *([f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else [])]
     if args.gpu:
         overrides.append("--training.device=cuda")
-    rows = {}
-    for name, v in variants().items():
-        t0 = time.perf_counter()
-        rows[name] = run_child({"recipe": str(ROOT / recipe), "overrides": overrides, "steps": list(args.steps), **v})
-        print(f"{name}: {rows[name]['step_s']:.3f} s/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+    runs = {name: [] for name in variants()}
+    for r in range(args.rounds):  # the variants take turns, so that a slow spell falls on each alike
+        for name, v in variants().items():
+            t0 = time.perf_counter()
+            runs[name].append(run_child({"recipe": str(ROOT / recipe), "overrides": overrides,
+                                         "steps": list(args.steps), **v}))
+            print(f"round {r + 1}, {name}: {runs[name][-1]['step_s']:.3f} s/step ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    rows = {name: {**done[0], "ms": {c: statistics.mean(d["ms"][c] for d in done) for c in CATEGORIES},
+                   "step_s": statistics.median(d["step_s"] for d in done)}
+            for name, done in runs.items()}
     names = list(rows)
     full = rows["full-rank"]
     body = [f"Recipe `{recipe}` with {' '.join(overrides)}, activation checkpointing on, one micro-batch of "
             f"{full['tokens_per_step']:,} tokens per step. Milliseconds per step by category (operators' own "
             f"{'kernel' if args.gpu else 'CPU'} time under torch.profiler, {args.steps[1]} steps after "
-            f"{args.steps[0]}); the step time is the median of {args.steps[2]} steps run without the profiler.", "",
+            f"{args.steps[0]}); the step time is the median of {args.steps[2]} steps run without the profiler"
+            + (f"; each variant ran {args.rounds} times, taking turns (categories: the mean; step time: the median)"
+               if args.rounds > 1 else "") + ". \"separate autograd ops\": the layer as qrelora computed it before "
+            "it became one autograd function (frozen product, adapter GEMMs, scaling and sum as separate ops).", "",
             "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in CATEGORIES:
         body.append(f"| {c} | " + " | ".join(f"{rows[n]['ms'][c]:.1f}" for n in names) + " |")
@@ -273,7 +317,7 @@ def main():
              f"autocast, median of {args.layer_repeats} (the variants taking turns):", "",
              "| layer | no checkpointing | checkpointed | speed vs nn.Linear (no ckpt / ckpt) |", "|---|---|---|---|"]
     lin = times[("nn.Linear", False)], times[("nn.Linear", True)]
-    for name in ("nn.Linear", "ReLoRA, reuse", "ReLoRA, dequantize again"):
+    for name in LAYERS:
         plain, ckpt = times.get((name, False)), times[(name, True)]
         body.append(f"| {name} | {f'{1e3 * plain:.1f} ms' if plain else '(as above)'} | {1e3 * ckpt:.1f} ms | "
                     f"{f'{lin[0] / plain:.2f}x' if plain else '-'} / {lin[1] / ckpt:.2f}x |")
@@ -284,6 +328,7 @@ def main():
     given += [f"--tokenizer {args.tokenizer}"] if args.tokenizer else []
     given += [f"--steps {' '.join(map(str, args.steps))}"] if tuple(args.steps) != STEPS else []
     given += [f"--layer-repeats {args.layer_repeats}"] if args.layer_repeats != LAYER_REPEATS else []
+    given += [f"--rounds {args.rounds}"] if args.rounds != 1 else []
     record(Path(args.results), f"Step profile, ReLoRA against full-rank ({scale})",
            " ".join(["python tools/profile_step.py", *given]), machine, body)
 
