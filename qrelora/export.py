@@ -15,6 +15,7 @@ from . import checkpoint
 from . import config as cfgmod
 from .data import DataError, build_data, is_local, load_tokenizer
 from .files import apply_umask, publish
+from .loss import use_chunked_loss
 from .models import build_model, held_out_loss
 from .relora import ReLoRALinear, add_adapters
 
@@ -119,7 +120,7 @@ def evaluate(path: Path, data: str | None = None, device: str = "auto") -> dict:
         recipe = _recipe_from(path / EXPORT_RECIPE, data)
         tokenizer = load_tokenizer(str(path))
         with _no_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(path))
+            model = use_chunked_loss(AutoModelForCausalLM.from_pretrained(str(path)))
         autocast = False  # computes in the dtype it was exported in
     else:
         raise checkpoint.CheckpointError(f"{path} is neither a checkpoint (trainer.json, model.safetensors, ...) nor "

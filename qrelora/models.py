@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .loss import use_chunked_loss
+
 if TYPE_CHECKING:  # config imports this module to check recipes against real model shapes
     from .config import ModelConfig
 
@@ -119,16 +121,17 @@ def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, device: str | torch.device = "cpu",
                 seed: int = 0, eos_id: int | None = None) -> nn.Module:
-    """A fresh fp32 LlamaForCausalLM (or the one in cfg.init_from). device="meta" allocates nothing."""
+    """A fresh fp32 LlamaForCausalLM (or the one in cfg.init_from). device="meta" allocates nothing. Called
+    with labels, it computes the loss a chunk of tokens at a time (loss.use_chunked_loss)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     if cfg.init_from:
-        return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).to(device)
+        return use_chunked_loss(AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).to(device))
     config = llama_config(cfg, vocab_size, seq_len, eos_id=eos_id)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    return model
+    return use_chunked_loss(model)
 
 
 def fp32_model_bytes(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:

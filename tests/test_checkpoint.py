@@ -149,13 +149,13 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     trainer = Trainer(recipe(tmp_path / "a", "--relora.enabled=false", "--training.steps=8"), PlainLog(io.StringIO()))
     calls = {"n": 0}
 
-    def poison(module, inputs, output):  # the 3rd and 4th training forward passes produce NaN logits
+    def poison(module, inputs, output):  # the 3rd and 4th training forward passes produce NaN hidden states
         if not module.training:
             return output
         calls["n"] += 1
         return output * float("nan") if calls["n"] in (3, 4) else output
 
-    trainer.unwrapped.lm_head.register_forward_hook(poison)
+    trainer.unwrapped.model.norm.register_forward_hook(poison)  # the last module before the LM head
     trainer.run()
     rs = records(tmp_path / "a")
     assert [r["in_a_row"] for r in rs if r.get("event") == "skipped_step"] == [1, 2]
@@ -164,7 +164,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
 
     trainer = Trainer(recipe(tmp_path / "b", "--relora.enabled=false", "--training.steps=8",
                              "--training.max_bad_steps=3", "--checkpoint.every=2"), PlainLog(io.StringIO()))
-    trainer.unwrapped.lm_head.register_forward_hook(
+    trainer.unwrapped.model.norm.register_forward_hook(
         lambda m, i, o: o * float("nan") if trainer.state.step >= 3 and m.training else o)
     with pytest.raises(TrainingDiverged, match="3 steps in a row"):
         trainer.run()

@@ -18,6 +18,9 @@ dropout) against an nn.Linear of the same shape, with and without checkpointing,
 a whole step tends to; also the layer dequantizing again in the backward instead of reusing the recompute's
 weight, and the layer as separate autograd ops. As in a model, the layer's input needs its gradient and an op
 that saves the layer's output follows it.
+
+Part 3, the LM head and loss alone at the step's tokens: qrelora's chunked loss (qrelora.loss) against
+transformers' loss over the whole logits; time, and on CUDA the peak memory each allocates.
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 DEQUANTIZE = "qrelora: dequantize"
+CHUNKED_LOSS = "_LinearCrossEntropyFn"  # qrelora.loss's autograd function: its non-GEMM ops are the loss
 CATEGORIES = ("dequantize", "q/k/v/o and MLP GEMMs", "adapter GEMMs", "LM head GEMMs", "attention", "loss",
               "optimizer step", "other ops")
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
 
 SCALES = {  # recipe, overrides, (layer shape out x in, tokens, rank)
     "cpu": ("recipes/tiny.toml", ["--training.activation_checkpointing=true"], (2048, 2048, 2048, 128)),
-    "gpu": ("recipes/1b3_24gb.toml", ["--data.dataset=sample"], (5461, 2048, 8192, 128)),
+    "gpu": ("recipes/1b3_24gb.toml", ["--data.dataset=sample"], (5461, 2048, 4096, 128)),
     "quick": ("recipes/tiny.toml", ["--training.activation_checkpointing=true", "--model.hidden_size=64",
                                     "--model.num_layers=2", "--model.num_heads=2", "--model.mlp_size=192",
                                     "--model.preset=custom", "--data.seq_len=64", "--training.micro_batch_size=4",
@@ -107,6 +111,8 @@ def category(event, rank: int, vocab: int) -> str:
     if any(n == "optimizer step" or n.startswith("Optimizer.step") for n in names):
         return "optimizer step"
     name = event.name
+    if name not in GEMMS and CHUNKED_LOSS in names:
+        return "loss"
     if name in GEMMS:
         dims = {d for shape in event.input_shapes for d in shape}
         return "LM head GEMMs" if vocab in dims else "adapter GEMMs" if rank in dims else "q/k/v/o and MLP GEMMs"
@@ -250,6 +256,45 @@ def then_silu(layer, x):
 
 
 # --------------------------------------------------------------------------------------------------
+# Part 3: the LM head and loss alone
+
+
+def loss_times(tokens: int, hidden: int, vocab: int, device: str, repeats: int) -> dict:
+    """Median seconds of the LM head and loss, forward and backward under bf16 autocast, and on CUDA the peak
+    memory they allocate: qrelora's chunks against transformers' loss over the whole logits."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from qrelora.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(vocab, hidden, device=device) * 0.02)
+    h = torch.randn(1, tokens, hidden, device=device, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens), device=device)
+    ways = {"chunked (qrelora)": lambda: linear_cross_entropy(h, weight, labels),
+            "whole logits (transformers)": lambda: ForCausalLMLoss(nn.functional.linear(h, weight), labels, vocab)}
+    cuda = device == "cuda"
+    seconds, peak = {name: [] for name in ways}, dict.fromkeys(ways, 0)
+    for i in range(repeats + 2):
+        for name, loss_of in ways.items():
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = loss_of()
+            loss.backward()
+            del loss
+            if cuda:
+                torch.cuda.synchronize()
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() - before)
+            if i >= 2:
+                seconds[name].append(time.perf_counter() - t0)
+            weight.grad = h.grad = None
+    return {name: (statistics.median(s), peak[name] if cuda else None) for name, s in seconds.items()}
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 LAYERS = ("nn.Linear", "ReLoRA", "ReLoRA, dequantize again", "ReLoRA, separate autograd ops")
@@ -276,6 +321,8 @@ def main():
     from results import record
 
     from qrelora.config import load_recipe
+    from qrelora.memory import vocab_size_of
+    from qrelora.models import resolve_shape
 
     scale = "gpu" if args.gpu else "quick" if args.quick else "cpu"
     recipe, overrides, (out_f, in_f, tokens, rank) = SCALES[scale]
@@ -310,7 +357,8 @@ def main():
     body.append("| speed vs full-rank | " + " | ".join(f"{full['step_s'] / rows[n]['step_s']:.2f}x" for n in names) + " |")
 
     device = "cuda" if args.gpu else "cpu"
-    dropout = load_recipe(ROOT / recipe, overrides).relora.dropout
+    loaded = load_recipe(ROOT / recipe, overrides)
+    dropout = loaded.relora.dropout
     times = layer_times(out_f, in_f, tokens, rank, dropout, device, args.layer_repeats)
     body += ["", f"One layer, {out_f} x {in_f}, {tokens:,} tokens, rank {rank}, adapter dropout {dropout:g} (the "
              f"recipe's), 4-bit (NF4) base, followed by SiLU; forward + backward (input gradient included) + AdamW step under bf16 "
@@ -321,6 +369,16 @@ def main():
         plain, ckpt = times.get((name, False)), times[(name, True)]
         body.append(f"| {name} | {f'{1e3 * plain:.1f} ms' if plain else '(as above)'} | {1e3 * ckpt:.1f} ms | "
                     f"{f'{lin[0] / plain:.2f}x' if plain else '-'} / {lin[1] / ckpt:.2f}x |")
+
+    hidden, (vocab, _) = resolve_shape(loaded.model).hidden_size, vocab_size_of(loaded)
+    loss_tokens = full["tokens_per_step"]
+    losses = loss_times(loss_tokens, hidden, vocab, device, args.layer_repeats)
+    body += ["", f"The LM head and loss alone, {loss_tokens:,} tokens x {hidden} hidden -> {vocab:,} entries; forward "
+             f"+ backward under bf16 autocast, median of {args.layer_repeats} (taking turns):", "",
+             "| LM head + loss | time |" + (" peak memory allocated |" if args.gpu else ""),
+             "|---|---|" + ("---|" if args.gpu else "")]
+    for name, (seconds, peak) in losses.items():
+        body.append(f"| {name} | {1e3 * seconds:.1f} ms |" + (f" {peak / 2**20:,.0f} MiB |" if args.gpu else ""))
     print("\n".join(body))
     machine = (f"CUDA ({__import__('torch').cuda.get_device_name()})" if args.gpu
                else f"CPU ({platform.machine()}, {__import__('os').cpu_count()} cores)")

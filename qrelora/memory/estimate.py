@@ -26,6 +26,7 @@ from .. import checkpoint
 from ..config import Recipe
 from ..data import load_tokenizer
 from ..device import build_device_for, device_type
+from ..loss import use_chunked_loss
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
 from ..optim import OPTIMIZERS, resolve_optimizer_name
 from ..quant import MERGE_MODES, LayoutCodec
@@ -92,7 +93,7 @@ def _fake_model(recipe: Recipe, vocab_size: int, depth: int | None) -> nn.Module
     config = AutoConfig.from_pretrained(recipe.model.init_from)
     config.use_cache = False
     config.num_hidden_layers = depth or config.num_hidden_layers
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return use_chunked_loss(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
 
 
 class Simulator:
@@ -318,9 +319,9 @@ class Estimator:
 
         Every moment of a step needs a + b * micro_batch bytes (activations grow linearly with it), so the
         estimate at one sequence and `at` give each moment's line (on CPU next to the host memory, which the
-        micro-batch does not change); the answer is checked with one more estimate and, if the lines were
-        optimistic, one sequence less is tried before a bisection (each estimate of a 1.3B model takes
-        seconds)."""
+        micro-batch does not change); the answer is checked with one more estimate and one sequence more (the
+        lines were pessimistic if that fits too: then upwards in doubling steps), or, if the lines were
+        optimistic, one sequence less, before a bisection (each estimate of a 1.3B model takes seconds)."""
 
         def estimate(m: int) -> Estimate:
             return at if m == at.micro_batch_size else self.estimate(m, compare_checkpointing=False)
@@ -337,11 +338,17 @@ class Estimator:
                 if slope > 0:
                     best = min(best, 1 + int((self.budget - host - a) // slope))
         m = max(best, 1)
-        if m == 1 or estimate(m).need <= self.budget:
-            return m
-        if estimate(m - 1).need <= self.budget:  # the usual miss: the lines round one sequence high
+        if estimate(m).need <= self.budget:
+            # The lines can also be pessimistic (the loss's chunk stops growing once a micro-batch fills it):
+            # look upwards, one sequence first, then doubling the step.
+            fits, step = m, 1
+            while fits + step <= limit and estimate(fits + step).need <= self.budget:
+                fits, step = fits + step, 2 * step
+            too_big = min(fits + step, limit + 1)
+        elif estimate(m - 1).need <= self.budget:  # the usual miss: the lines round one sequence high
             return m - 1
-        fits, too_big = 1, m - 1
+        else:
+            fits, too_big = 1, m - 1
         while too_big - fits > 1:
             mid = (fits + too_big) // 2
             fits, too_big = (mid, too_big) if estimate(mid).need <= self.budget else (fits, mid)

@@ -91,7 +91,7 @@ NOTES = {
     "full-rank weights": "embeddings, norms, head (all weights when full-rank), fp32",
     "gradients": "fp32, one per trainable weight",
     "activations": "saved for backward, and temporaries",
-    "logits and loss": "micro-batch x sequence x vocabulary: logits, fp32 copy, log-softmax, gradient",
+    "logits and loss": "LM head logits, one chunk of tokens at a time: 16-bit, fp32, turned gradient",
     "optimizer step workspace": "temporaries of the optimizer step",
     "merge workspace": "merging the largest layer (one layer at a time)",
     "build workspace": "initialising and quantizing the largest layer (built layer by layer)",
