@@ -4,14 +4,14 @@
     python tools/profile_step.py --gpu --tokenizer DIR   # the 1b3_24gb recipe's shape and micro-batch on CUDA
 
 Part 1, the step: each variant trains a few real steps of the recipe (`Trainer.step`, activation checkpointing
-on, as in the 24 GB recipes) in its own process under torch.profiler, and every operator's own time (CPU time on
+on, as in the 24 GB recipes) under torch.profiler, and every operator's own time (CPU time on
 CPU, kernel time on CUDA) is put in one category: dequantization, the q/k/v/o and MLP GEMMs, the adapters'
 GEMMs, the LM head's GEMMs, attention, the loss, the optimizer step, and the rest (element-wise ops, norms,
 copies, allocation). Variants: ReLoRA as the trainer runs it (each layer one autograd function, the
 checkpointed backward reusing the recompute's dequantized weight), ReLoRA with the layer as separate autograd
 ops (before it became one function), ReLoRA without checkpointing (relora.activation_checkpointing = false),
-and full-rank. The step times come from steps run without the profiler; `--rounds N` runs every variant N
-times, taking turns, against a shared machine's slow spells.
+and full-rank. The step times come from steps run without the profiler, the variants' trainers taking turns in
+one process: timed in separate processes, the same code differed by up to 10% on the 2-core CPU.
 
 Part 2, one layer: forward + backward + AdamW step of a ReLoRA layer (4-bit base, rank r, the recipe's adapter
 dropout) against an nn.Linear of the same shape, with and without checkpointing, under bf16 autocast: the ratio
@@ -124,6 +124,8 @@ def category(event, rank: int, vocab: int) -> str:
 
 
 def child(spec: dict) -> dict:
+    """Every variant's trainer in this one process: the timed steps take turns (so that a slow spell of a shared
+    machine, or the allocator's state, falls on every variant alike), then each variant is profiled."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -131,35 +133,38 @@ def child(spec: dict) -> dict:
     from qrelora.config import load_recipe
     from qrelora.monitor import PlainLog
     from qrelora.quant import FrozenWeight
-    from qrelora.relora import ReLoRALinear
+    from qrelora.relora import adapter_layers
     from qrelora.train import Trainer
 
     quiet_dependencies()
     warmup, profiled, timed = spec["steps"]
     steps = warmup + profiled + timed + 1  # the last step, which would merge, is never run
+    trainers, recipes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*spec["overrides"], *spec["extra"], f"--run.output_dir={tmp}", f"--training.steps={steps}",
-                     "--training.warmup_steps=1", "--training.grad_accum=1", "--training.eval_every=0",
-                     "--checkpoint.every=0"]
-        overrides += ([f"--relora.warm_start_steps=0", f"--relora.restart_every={steps}", "--relora.restart_warmup=0"]
-                      if spec["relora"]
-                      else ["--relora.enabled=false"])
-        recipe = load_recipe(spec["recipe"], overrides)
-        trainer = Trainer(recipe, PlainLog(io.StringIO()))
-        cuda = trainer.device.type == "cuda"
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
         try:
-            for _ in range(warmup):  # the first step converts to ReLoRA and pays for lazy initialisation
-                trainer.step()
-            if spec["separate"]:
-                ReLoRALinear.forward = separate_ops_forward
-            seconds = []
+            for name, v in spec["variants"].items():
+                overrides = [*spec["overrides"], *v["extra"], f"--run.output_dir={tmp}/{len(trainers)}",
+                             f"--training.steps={steps}", "--training.warmup_steps=1", "--training.grad_accum=1",
+                             "--training.eval_every=0", "--checkpoint.every=0"]
+                overrides += ([f"--relora.warm_start_steps=0", f"--relora.restart_every={steps}",
+                               "--relora.restart_warmup=0"] if v["relora"] else ["--relora.enabled=false"])
+                recipes[name] = load_recipe(spec["recipe"], overrides)
+                trainers[name] = trainer = Trainer(recipes[name], PlainLog(io.StringIO()))
+                for _ in range(warmup):  # the first step converts to ReLoRA and pays for lazy initialisation
+                    trainer.step()
+                if v["separate"]:
+                    for layer in adapter_layers(trainer.unwrapped):
+                        layer.forward = types.MethodType(separate_ops_forward, layer)
+            cuda = next(iter(trainers.values())).device.type == "cuda"
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            seconds = {name: [] for name in trainers}
             for _ in range(timed):
-                sync()
-                t0 = time.perf_counter()
-                trainer.step()
-                sync()
-                seconds.append(time.perf_counter() - t0)
+                for name, trainer in trainers.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    trainer.step()
+                    sync()
+                    seconds[name].append(time.perf_counter() - t0)
 
             real = FrozenWeight.dequantize
 
@@ -168,23 +173,27 @@ def child(spec: dict) -> dict:
                     return real(self, dtype)
 
             FrozenWeight.dequantize = labelled
-            trainer.phases = record_function  # forward, backward, optimizer step
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-            with profile(activities=activities, record_shapes=True) as prof:
-                for _ in range(profiled):
-                    trainer.step()
-                sync()
+            results = {}
+            for name, trainer in trainers.items():
+                trainer.phases = record_function  # forward, backward, optimizer step
+                with profile(activities=activities, record_shapes=True) as prof:
+                    for _ in range(profiled):
+                        trainer.step()
+                    sync()
+                totals = dict.fromkeys(CATEGORIES, 0.0)
+                for event in prof.events():
+                    if event.device_type != DeviceType.CPU:
+                        continue  # kernels are counted through the operator that launched them
+                    us = event.self_device_time_total if cuda else event.self_cpu_time_total
+                    totals[category(event, recipes[name].relora.rank, len(trainer.tokenizer))] += us / 1e3 / profiled
+                results[name] = {"ms": totals, "step_s": statistics.median(seconds[name]),
+                                 "tokens_per_step": recipes[name].tokens_per_step}
             FrozenWeight.dequantize = real
-            totals = dict.fromkeys(CATEGORIES, 0.0)
-            for event in prof.events():
-                if event.device_type != DeviceType.CPU:
-                    continue  # kernels are counted through the operator that launched them
-                us = event.self_device_time_total if cuda else event.self_cpu_time_total
-                totals[category(event, recipe.relora.rank, len(trainer.tokenizer))] += us / 1e3 / profiled
         finally:
-            trainer.close()
-    return {"ms": totals, "step_s": statistics.median(seconds), "tokens_per_step": recipe.tokens_per_step,
-            "device": "cuda" if cuda else "cpu"}
+            for trainer in trainers.values():
+                trainer.close()
+    return results
 
 
 def run_child(spec: dict) -> dict:
@@ -298,7 +307,7 @@ def loss_times(tokens: int, hidden: int, vocab: int, device: str, repeats: int) 
 
 
 LAYERS = ("nn.Linear", "ReLoRA", "ReLoRA, dequantize again", "ReLoRA, separate autograd ops")
-STEPS, LAYER_REPEATS = (2, 3, 5), 30  # rounds of the layer variants, which take turns
+STEPS, LAYER_REPEATS = (2, 3, 8), 30  # rounds of the layer variants, which take turns
 
 
 def main():
@@ -309,7 +318,6 @@ def main():
     ap.add_argument("--tokenizer", default="", help="a local tokenizer directory (the GPU machine has no hub)")
     ap.add_argument("--steps", type=int, nargs=3, default=STEPS, metavar=("WARMUP", "PROFILED", "TIMED"))
     ap.add_argument("--layer-repeats", type=int, default=LAYER_REPEATS)
-    ap.add_argument("--rounds", type=int, default=1, help="run each step variant this many times, taking turns")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -329,25 +337,17 @@ def main():
     overrides = [*overrides, *([f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else [])]
     if args.gpu:
         overrides.append("--training.device=cuda")
-    runs = {name: [] for name in variants()}
-    for r in range(args.rounds):  # the variants take turns, so that a slow spell falls on each alike
-        for name, v in variants().items():
-            t0 = time.perf_counter()
-            runs[name].append(run_child({"recipe": str(ROOT / recipe), "overrides": overrides,
-                                         "steps": list(args.steps), **v}))
-            print(f"round {r + 1}, {name}: {runs[name][-1]['step_s']:.3f} s/step ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-    rows = {name: {**done[0], "ms": {c: statistics.mean(d["ms"][c] for d in done) for c in CATEGORIES},
-                   "step_s": statistics.median(d["step_s"] for d in done)}
-            for name, done in runs.items()}
+    t0 = time.perf_counter()
+    rows = run_child({"recipe": str(ROOT / recipe), "overrides": overrides, "steps": list(args.steps),
+                      "variants": variants()})
+    print(f"step variants: {time.perf_counter() - t0:.0f} s", flush=True)
     names = list(rows)
     full = rows["full-rank"]
     body = [f"Recipe `{recipe}` with {' '.join(overrides)}, activation checkpointing on, one micro-batch of "
             f"{full['tokens_per_step']:,} tokens per step. Milliseconds per step by category (operators' own "
             f"{'kernel' if args.gpu else 'CPU'} time under torch.profiler, {args.steps[1]} steps after "
-            f"{args.steps[0]}); the step time is the median of {args.steps[2]} steps run without the profiler"
-            + (f"; each variant ran {args.rounds} times, taking turns (categories: the mean; step time: the median)"
-               if args.rounds > 1 else "") + ". \"separate autograd ops\": the layer as qrelora computed it before "
+            f"{args.steps[0]}); the step time is the median of {args.steps[2]} steps run without the profiler, the "
+            "variants taking turns in one process. \"separate autograd ops\": the layer as qrelora computed it before "
             "it became one autograd function (frozen product, adapter GEMMs, scaling and sum as separate ops).", "",
             "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for c in CATEGORIES:
@@ -386,7 +386,6 @@ def main():
     given += [f"--tokenizer {args.tokenizer}"] if args.tokenizer else []
     given += [f"--steps {' '.join(map(str, args.steps))}"] if tuple(args.steps) != STEPS else []
     given += [f"--layer-repeats {args.layer_repeats}"] if args.layer_repeats != LAYER_REPEATS else []
-    given += [f"--rounds {args.rounds}"] if args.rounds != 1 else []
     record(Path(args.results), f"Step profile, ReLoRA against full-rank ({scale})",
            " ".join(["python tools/profile_step.py", *given]), machine, body)
 
