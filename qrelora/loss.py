@@ -27,7 +27,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, dtype: torch.dtype, rows: int,
                 need_hidden: bool, need_weight: bool) -> Tensor:
         w = weight.to(dtype)
-        valid_count = (labels != IGNORE_INDEX).sum()
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1).float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -48,7 +48,6 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 if need_weight:
                     grad_weight += (grad.t() @ h).float()
             del logits
-        count = valid_count.clamp(min=1).float()
         ctx.has_grads = grad_hidden is not None, grad_weight is not None
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None), count)
         return total / count
@@ -56,8 +55,10 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         *grads, count = ctx.saved_tensors
-        scale = grad_loss / count
-        grad_hidden, grad_weight = (grads.pop(0) * scale if has else None for has in ctx.has_grads)
+        scale, grads = grad_loss / count, iter(grads)
+        has_hidden, has_weight = ctx.has_grads
+        grad_hidden = next(grads) * scale if has_hidden else None
+        grad_weight = next(grads) * scale if has_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
