@@ -86,10 +86,10 @@ def use_chunked_loss(model: nn.Module) -> nn.Module:
     return model
 
 
-def _forward_with_chunked_loss(self, input_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs):
+def _forward_with_chunked_loss(self, *args, labels: Tensor | None = None, **kwargs):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if labels is None:
-        return type(self).forward(self, input_ids=input_ids, **kwargs)
-    hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        return type(self).forward(self, *args, **kwargs)
+    hidden = self.model(*args, **kwargs).last_hidden_state
     return CausalLMOutputWithPast(loss=linear_cross_entropy(hidden, self.lm_head.weight, labels))

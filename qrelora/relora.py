@@ -83,7 +83,7 @@ class _AdaptedLinearFn(torch.autograd.Function):
     product) in the forward and into the input gradient in the backward, s multiplies only rank-sized tensors,
     and x is cast to the autocast dtype once. Autograd over separate ops would scale and sum full-size products
     in both passes, cast x twice and keep more full-size temporaries alive (measured: 20% less activation
-    memory at the 60M shape, and a 5-7% faster CPU step; benchmarks/RESULTS.md).
+    memory at the 60M shape, and a 5% faster step of the tiny recipe on CPU; benchmarks/RESULTS.md).
 
     The frozen weight: without activation checkpointing only a reference to the packed weight is saved, and the
     backward dequantizes again, so no full-size copy of W outlives the forward pass. Inside a checkpointed block
