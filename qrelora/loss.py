@@ -46,7 +46,7 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden[start:start + rows] = grad @ w
                 if need_weight:
-                    grad_weight += (grad.t() @ h).float()
+                    grad_weight.add_(grad.t() @ h)  # upcast element by element, no fp32 copy
             del logits
         ctx.has_grads = grad_hidden is not None, grad_weight is not None
         ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight) if t is not None), count)
