@@ -230,31 +230,27 @@ def layer_times(out_features: int, in_features: int, tokens: int, rank: int, dro
             layer.forward = types.MethodType(separate_ops_forward, layer)
         layers[name] = layer
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     # Without checkpointing the weight is never kept: "dequantize again" would be the same code as "ReLoRA".
     variants = [(name, checkpointed) for checkpointed in (False, True) for name in layers
                 if checkpointed or name != "ReLoRA, dequantize again"]
-    optimizers = {v: torch.optim.AdamW([p for p in layers[v[0]].parameters() if p.requires_grad], lr=1e-4)
-                  for v in variants}
-    seconds = {v: [] for v in variants}
-    # Round-robin, so that a slow spell of a shared machine falls on every variant alike.
-    for i in range(repeats + 2):
-        for name, checkpointed in variants:
-            layer, opt = layers[name], optimizers[(name, checkpointed)]
+
+    def training_step(name: str, checkpointed: bool):
+        layer = layers[name]
+        opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
             if name != "nn.Linear":  # as add_adapters sets it, except in the variant that dequantizes again
                 layer.keep_weight = checkpointed and name != "ReLoRA, dequantize again"
-            sync()
-            t0 = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16):
                 y = checkpoint(then_silu, layer, x, use_reentrant=False) if checkpointed else then_silu(layer, x)
             y.float().square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             x.grad = None
-            sync()
-            if i >= 2:
-                seconds[(name, checkpointed)].append(time.perf_counter() - t0)
-    return {v: statistics.median(s) for v, s in seconds.items()}
+        return run
+
+    return {v: seconds for v, (seconds, _) in in_turns({v: training_step(*v) for v in variants}, repeats,
+                                                          device).items()}
 
 
 def then_silu(layer, x):
@@ -281,26 +277,38 @@ def loss_times(tokens: int, hidden: int, vocab: int, device: str, repeats: int) 
     labels = torch.randint(0, vocab, (1, tokens), device=device)
     ways = {"chunked (qrelora)": lambda: linear_cross_entropy(h, weight, labels),
             "whole logits (transformers)": lambda: ForCausalLMLoss(nn.functional.linear(h, weight), labels, vocab)}
+
+    def forward_backward(loss_of):
+        def run():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = loss_of()
+            loss.backward()
+            weight.grad = h.grad = None
+        return run
+
+    return in_turns({name: forward_backward(loss_of) for name, loss_of in ways.items()}, repeats, device)
+
+
+def in_turns(runs: dict, repeats: int, device: str) -> dict:
+    """Each run (one iteration, a callable) `repeats` times after two unmeasured rounds, the runs taking turns so
+    that a slow spell of a shared machine falls on each alike: {key: (median seconds, on CUDA the peak bytes it
+    allocated, else None)}."""
     cuda = device == "cuda"
-    seconds, peak = {name: [] for name in ways}, dict.fromkeys(ways, 0)
+    seconds, peak = {key: [] for key in runs}, dict.fromkeys(runs, 0)
     for i in range(repeats + 2):
-        for name, loss_of in ways.items():
+        for key, run in runs.items():
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16):
-                loss = loss_of()
-            loss.backward()
-            del loss
+            run()
             if cuda:
                 torch.cuda.synchronize()
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated() - before)
+                peak[key] = max(peak[key], torch.cuda.max_memory_allocated() - before)
             if i >= 2:
-                seconds[name].append(time.perf_counter() - t0)
-            weight.grad = h.grad = None
-    return {name: (statistics.median(s), peak[name] if cuda else None) for name, s in seconds.items()}
+                seconds[key].append(time.perf_counter() - t0)
+    return {key: (statistics.median(s), peak[key] if cuda else None) for key, s in seconds.items()}
 
 
 # --------------------------------------------------------------------------------------------------

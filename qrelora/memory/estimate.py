@@ -228,10 +228,15 @@ class Estimate:
         return max(sum(v for k, v in p.host.items() if "disk" in k) for p in self.phases)
 
     @property
+    def checkpoint_bytes(self) -> int:
+        """One checkpoint of the phase whose checkpoints are larger."""
+        return max(p.checkpoint_bytes for p in self.phases)
+
+    @property
     def disk_need(self) -> int:
         """Disk a fresh run fills: its checkpoints at their busiest moment, each the larger phase's, and the
         memory-mapped master copy."""
-        return self.checkpoints_at_once * max(p.checkpoint_bytes for p in self.phases) + self.master_on_disk
+        return self.checkpoints_at_once * self.checkpoint_bytes + self.master_on_disk
 
     @property
     def need(self) -> int:

@@ -157,9 +157,8 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     master = e.master_on_disk
     if not r_cpu:
         console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB.")
-    one = max(p.checkpoint_bytes for p in e.phases)
     console.print(f"Disk: {e.disk_need / GiB:.2f} GiB ({e.checkpoints_at_once} checkpoint"
-                  f"{'s' if e.checkpoints_at_once > 1 else ''} of up to {one / GiB:.2f} GiB at once"
+                  f"{'s' if e.checkpoints_at_once > 1 else ''} of up to {e.checkpoint_bytes / GiB:.2f} GiB at once"
                   + (f", and {master / GiB:.2f} GiB for the memory-mapped master copy)." if master else ")."))
     console.print(f"Largest micro-batch that fits {e.budget / GiB:.2f} GiB: "
                   + (f"[bold]{largest}[/] x {e.seq_len} tokens (the recipe has {e.micro_batch_size})." if largest
