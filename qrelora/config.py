@@ -20,6 +20,7 @@ from .errors import BadInput
 from .models import model_dims
 from .optim import OPTIMIZERS, RESETS
 from .quant import MERGE_MODES, STORAGE_FORMATS, storage_class
+from .schedule import JaggedCosine
 
 # Choices that come from the tables of their implementations: adding a storage format, merge mode, reset
 # mode or optimizer there makes it a valid recipe value here.
@@ -127,7 +128,8 @@ class ReLoRAConfig:
     restart_every: int = 1000
     """Optimizer steps between merges, or a fraction of training.steps (e.g. 0.1)."""
     restart_warmup: int = 50
-    """Linear learning-rate re-warm-up after each restart."""
+    """Linear learning-rate re-warm-up after each restart, from the zero-rate step before the merge; 0: no jag
+    (no zero step, no ramp)."""
     lr_ratio: float = 1.0
     """The ReLoRA phase runs at lr_ratio times the schedule of training.lr (the paper uses 1.5-2x the
     full-rank rate for the low-rank phase). The cosine envelope is the same one, and the rate never jumps at
@@ -451,6 +453,8 @@ def validate(r: Recipe) -> list[str]:
         need(0 < rl.lr_ratio <= 10 and rl.lr_ratio * t.lr <= 1, "relora", "lr_ratio",
              f"must be in (0, 10] with lr_ratio * training.lr <= 1 (training.lr = {t.lr:g}); the paper's range "
              "is 1.5-2")
+        if not p:
+            p += _idle_cycle_problems(r)
     if (q.bits, q.type) not in STORAGE_FORMATS and (q.bits, None) not in STORAGE_FORMATS:
         types = sorted(t for b, t in STORAGE_FORMATS if b == q.bits and t is not None)
         need(False, "quant", "type", f"is not a {q.bits}-bit storage; {q.bits}-bit types are {', '.join(types)}")
@@ -540,6 +544,24 @@ def _shape_problems(r: Recipe) -> list[str]:
                      f"{rl.rank * per_rank / 1e6:,.0f}M adapter parameters. Set --relora.rank={limit} or lower (the "
                      "shipped recipes use 32 to 128)")
     return p
+
+
+def _idle_cycle_problems(r: Recipe) -> list[str]:
+    """A cycle in which the adapters never get a learning rate above zero is merged untrained: the run would
+    look healthy (the embeddings still learn) while ReLoRA does nothing."""
+    t, rl = r.training, r.relora
+    schedule = JaggedCosine(lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+                            restart_every=rl.restart_every, restart_warmup=rl.restart_warmup,
+                            relora_start=rl.warm_start_steps, relora_lr_ratio=rl.lr_ratio)
+    idle = schedule.idle_cycles()
+    if not idle:
+        return []
+    steps = ", ".join(f"{a + 1}-{b + 1}" if b > a else str(a + 1) for a, b in idle[:3]) + (" ..." if len(idle) > 3 else "")
+    cycles = "1 cycle of the ReLoRA phase (steps" if len(idle) == 1 else f"{len(idle)} cycles of the ReLoRA phase (steps"
+    return [f"[relora] restart_warmup = {rl.restart_warmup}: with restart_every = {_shown(r, 'relora', 'restart_every')}, "
+            f"{cycles} {steps}) {'gives' if len(idle) == 1 else 'give'} the adapters no step at a learning rate above zero (the last step of a cycle runs at zero before its merge, the first ones ramp up from "
+            "zero), so their adapters would be merged untrained. Set --relora.restart_warmup=0 (no zero step, no "
+            "ramp), or make the cycles longer (relora.restart_every)"]
 
 
 def _shape_origin(m: ModelConfig) -> str:

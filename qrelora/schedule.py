@@ -77,17 +77,32 @@ class JaggedCosine:
         """The jagged part: 0 on the last step of every cycle (the step just before its merge moves no
         weights), then a linear ramp over restart_warmup steps back to the envelope.
 
-        The first cycle ramps only when it follows a full-rank warm start; with no warm start the global
-        warm-up already covers it.
+        restart_warmup = 0 means no jag at all: no zero step and no ramp, the adapters train at the envelope's
+        rate on every step of every cycle (as in the reference code, which zeroes a step only as the start of
+        a positive re-warm-up). The first cycle ramps only when it follows a full-rank warm start; with no
+        warm start the global warm-up already covers it.
         """
-        if self.restart_every <= 0 or step < self.relora_start:
+        if self.restart_every <= 0 or step < self.relora_start or self.restart_warmup <= 0:
             return 1.0
         if self.merges_after(step):
             return 0.0
         cycle, pos = divmod(step - self.relora_start, self.restart_every)
-        if self.restart_warmup <= 0 or (cycle == 0 and self.relora_start == 0):
+        if cycle == 0 and self.relora_start == 0:
             return 1.0
         return min(1.0, (pos + 1) / self.restart_warmup)
+
+    def idle_cycles(self) -> list[tuple[int, int]]:
+        """(first, last) step of every ReLoRA cycle in which no step gives the adapters a learning rate above
+        zero: its adapters would be merged untrained (e.g. two-step cycles whose first step is the global
+        warm-up's step 0 and whose second is the zero step before the merge)."""
+        if self.restart_every <= 0:
+            return []
+        idle = []
+        for first in range(self.relora_start, self.total_steps, self.restart_every):
+            last = min(first + self.restart_every, self.total_steps) - 1
+            if all(self(s) <= 0 for s in range(first, last + 1)):
+                idle.append((first, last))
+        return idle
 
     def __call__(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based): the adapters' in the ReLoRA phase, every

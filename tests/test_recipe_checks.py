@@ -193,7 +193,12 @@ def test_resolved_integers_go_to_config_toml_and_resume_compares_them(tmp_path):
      ["warm_start_steps = 200: must be in [0, training.steps)", "as a fraction of training.steps"]),
     (["--training.steps=20"], ["restart_warmup = 10: must be shorter than a cycle, restart_every = 7 (0.3333 of "
                                "training.steps = 20); set --relora.restart_warmup=0"]),
-], ids=["not a fraction", "cycles not whole", "no ReLoRA phase", "cycle shorter than its warm-up"])
+    (["--training.steps=4", "--relora.restart_every=2", "--relora.restart_warmup=1", "--relora.warm_start_steps=0",
+      "--training.warmup_steps=1"],
+     ["restart_warmup = 1: with restart_every = 2, 1 cycle of the ReLoRA phase (steps 1-2) gives the adapters no "
+      "step at a learning rate above zero", "Set --relora.restart_warmup=0"]),
+], ids=["not a fraction", "cycles not whole", "no ReLoRA phase", "cycle shorter than its warm-up",
+        "a cycle with no adapter step"])
 def test_step_count_messages_say_what_to_set(overrides, expected):
     with pytest.raises(RecipeError) as e:
         load_recipe(TINY, overrides)

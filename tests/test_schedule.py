@@ -17,6 +17,8 @@ def reference_lr(s, lr, total, warmup, min_ratio, every, rw, start):
         env = lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     if every and s >= start:
         k, pos = divmod(s - start, every)
+        if rw == 0:
+            return env  # no re-warm-up: no zero step either (the reference code zeroes only to ramp from it)
         if pos == every - 1:
             return 0.0  # the last step of a cycle, just before its merge
         if k > 0 or start > 0:
@@ -31,6 +33,21 @@ def test_every_step_matches_the_formula(start):
                          restart_warmup=5, relora_start=start)
     for s in range(120):
         assert sched(s) == pytest.approx(reference_lr(s, **args), abs=1e-15), s
+
+
+@pytest.mark.parametrize("start", [0, 20])
+def test_no_rewarmup_means_no_zero_step(start):
+    """restart_warmup = 0: the adapters train at the envelope on every step, the one before each merge too
+    (it used to run at zero, so one-step cycles never trained the adapters at all)."""
+    args = dict(lr=1e-3, total=120, warmup=0, min_ratio=0.1, every=1, rw=0, start=start)
+    sched = JaggedCosine(lr=1e-3, total_steps=120, warmup_steps=0, min_lr_ratio=0.1, restart_every=1,
+                         restart_warmup=0, relora_start=start)
+    for s in range(120):
+        assert sched(s) == pytest.approx(reference_lr(s, **args), abs=1e-15) and sched(s) > 0, s
+    assert all(sched.merges_after(s) for s in range(start, 120)) and sched.idle_cycles() == []
+    two_step = JaggedCosine(lr=1e-3, total_steps=4, warmup_steps=1, min_lr_ratio=0.1, restart_every=2,
+                            restart_warmup=1)
+    assert two_step.idle_cycles() == [(0, 1)]  # step 0 is the warm-up's zero, step 1 the zero before the merge
 
 
 def test_restarts_drop_to_zero_and_merge_follows_the_zero_step():
