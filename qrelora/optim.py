@@ -157,7 +157,9 @@ def _decoded(state: dict, key: str) -> Tensor:
     # Paged states live in CUDA managed memory that torch reports as CPU tensors: compute where they are.
     qmap, absmax = state["qmap" + suffix].to(t.device), state["absmax" + suffix].to(t.device)
     values = qmap[t.reshape(-1).long()]
-    blocksize = -(-values.numel() // absmax.numel())
+    # The block size is bitsandbytes' fixed one for optimizer states, not numel / blocks: that guess is wrong
+    # whenever the last block is short by at least the number of blocks (8,000 values in 32 blocks: 250).
+    blocksize = AdamW8bit.state_blocksize
     pad = (-values.numel()) % blocksize
     values = torch.nn.functional.pad(values, (0, pad)).view(-1, blocksize) * absmax[:, None]
     return values.view(-1)[: t.numel()].view(t.shape)

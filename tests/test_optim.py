@@ -81,3 +81,25 @@ def test_adapters_get_a_parameter_group_of_their_own():
     assert [(g["adapters"], g["weight_decay"], len(g["params"])) for g in groups] == [
         (False, 0.1, 1), (True, 0.1, 1), (False, 0.0, 3)]  # embedding; lora_A; norm weight and bias, proj bias
     assert is_adapter("layers.0.q_proj.lora_B.default.weight") and not is_adapter("lm_head.weight")
+
+
+@pytest.mark.parametrize("shape", [(8, 1000), (64, 256)], ids=["short last block", "whole blocks"])
+def test_8bit_moments_decode_as_bitsandbytes_stores_them(shape):
+    """A rank-8 adapter on a 1,000-wide input has 8,000 values in 32 blocks of 256: the last block holds 64.
+    Guessing the block size as ceil(8000 / 32) = 250 shifted every block after the first, so the magnitude
+    reset zeroed the wrong entries."""
+    from qrelora.quant import bnb_functional
+
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(shape))
+    opt = build_optimizer(OptimConfig(name="adamw8bit"), nn.ParameterList([p]), 1e-3, "cpu")
+    for _ in range(3):
+        (p * torch.randn(shape)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    state, F = opt.state[p], bnb_functional()
+    for key in ("state1", "state2"):
+        suffix = key[-1]
+        reference = F.dequantize_blockwise(state[key], absmax=state["absmax" + suffix], code=state["qmap" + suffix],
+                                           blocksize=256)
+        assert torch.equal(_decoded(state, key), reference.float()), key
