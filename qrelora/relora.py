@@ -45,7 +45,14 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        """A fresh adapter, its A drawn from a generator seeded by the layer and the merges it has had: every
+        data-parallel rank draws the same A without sharing anything (the global random stream differs between
+        ranks as soon as one of them draws a number the others do not), and a resumed run draws the A the
+        uninterrupted run drew. Drawn on the CPU, so a CUDA and a CPU run draw the same values too."""
+        gen = torch.Generator().manual_seed(derive_seed(self.base.seed, self.base.merges_done, "adapter init"))
+        a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device="cpu")
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        self.lora_A.copy_(a)
         nn.init.zeros_(self.lora_B)
 
     def delta(self) -> Tensor:

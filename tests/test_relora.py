@@ -86,6 +86,30 @@ def test_fresh_adapter_leaves_the_layer_unchanged_and_a_is_not_zero():
     assert layer.lora_A.abs().sum() > 0 and layer.lora_B.abs().sum() == 0
 
 
+def test_adapter_init_is_seeded_by_layer_and_merge_not_by_the_global_stream():
+    """Data-parallel ranks (whose global random streams part as soon as one draws a number the others do not)
+    and a resumed run must re-initialise A identically after every merge."""
+    def layer_after_merges(merges, global_draws):
+        torch.manual_seed(global_draws)
+        torch.rand(global_draws)  # each "rank" has drawn a different amount from the global stream
+        layer = ReLoRALinear(nn.Linear(64, 32), rank=8, alpha=16, dropout=0.0, codec=DenseCodec(torch.float32),
+                             seed=7)
+        starts = [layer.lora_A.detach().clone()]
+        for _ in range(merges):
+            torch.rand(global_draws)
+            with torch.no_grad():
+                layer.lora_B.normal_()
+            layer.merge_and_reinit()
+            starts.append(layer.lora_A.detach().clone())
+        return starts
+
+    one, other = layer_after_merges(3, 1), layer_after_merges(3, 5)
+    assert all(torch.equal(a, b) for a, b in zip(one, other))
+    assert not torch.equal(one[0], one[1]) and not torch.equal(one[1], one[2])  # a fresh A at every merge
+    bound = 1 / 64 ** 0.5  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert one[2].abs().max() <= bound and one[2].abs().max() > 0.9 * bound
+
+
 def test_merge_leaves_16bit_model_function_unchanged():
     model = relora_model(16, dtype="fp32")
     randomize_adapters(model)
