@@ -7,6 +7,8 @@ A checkpoint is a directory `checkpoints/step_<8 digits>/`:
                            structure and plain values as JSON in the file's metadata
     rng.safetensors        torch CPU (and CUDA) generator states, the same way
     trainer.json           step, tokens, merges, ReLoRA phase, data position, metrics offset, step plan
+    relora.safetensors     in the ReLoRA phase: the rank-probe layers' weights at the switch (optional: the
+                           merges of a run resumed without it report no effective rank)
     config.toml            the resolved recipe
 No file is a Python pickle, so loading a checkpoint someone else wrote cannot run code. It is written under
 a temporary name, each file flushed to disk, then renamed into place: a crash or a kill at any moment
@@ -39,7 +41,7 @@ from . import config as cfgmod
 from .errors import BadInput
 from .files import apply_umask, fsync_dir, fsync_file, publish
 from .quant import LayoutCodec
-from .relora import ReLoRALinear, codec_for, target_linears
+from .relora import ReLoRALinear, codec_for, rank_probe_indices, rank_probe_layers, target_linears
 
 CHECKPOINT_RE = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer.json", "rng.safetensors", "config.toml")
@@ -59,7 +61,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-         trainer_state: dict[str, Any], recipe: cfgmod.Recipe, keep_last: int) -> Path:
+         trainer_state: dict[str, Any], recipe: cfgmod.Recipe, keep_last: int, relora_state: dict | None = None) -> Path:
     """Write a checkpoint atomically and prune older ones beyond keep_last."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"step_{step:08d}"
@@ -74,6 +76,8 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     save_tree(tmp / "rng.safetensors", rng)
+    if relora_state is not None:
+        save_tree(tmp / "relora.safetensors", relora_state)
     _write(tmp / "trainer.json", json.dumps(trainer_state, indent=1).encode())
     _write(tmp / "config.toml", cfgmod.to_toml(recipe).encode())
     apply_umask(tmp)
@@ -159,6 +163,7 @@ class SavedState:
     trainer: dict[str, Any]
     optimizer: dict | None = None
     rng: dict | None = None
+    relora: dict | None = None
 
 
 def _read_json(path: Path) -> dict:
@@ -191,6 +196,8 @@ def load_files(path: Path, allow_pickle: bool = False) -> SavedState:
         else:
             saved.optimizer = load_tree(path / "optimizer.safetensors")
             saved.rng = load_tree(path / "rng.safetensors")
+            if (path / "relora.safetensors").is_file():
+                saved.relora = load_tree(path / "relora.safetensors")
     except Exception as e:  # noqa: BLE001 - a damaged file, or a pickle holding more than plain data
         if legacy:
             raise CheckpointError(
@@ -291,22 +298,25 @@ def restore_rng(rng: dict) -> None:
 
 
 def estimate_bytes(model: torch.nn.Module, optimizer_state_bytes: Callable[[list[torch.Tensor]], int]) -> int:
-    """Size of one checkpoint of this model: its state (the merges' master copy or residual included) plus
-    the optimizer's state for its trainable parameters (`optimizer_state_bytes`, an OptimizerKind's)."""
+    """Size of one checkpoint of this model: its state (the merges' master copy or residual included), the
+    rank probes' starting weights in the ReLoRA phase, plus the optimizer's state for its trainable parameters
+    (`optimizer_state_bytes`, an OptimizerKind's)."""
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return int(model_bytes + optimizer_state_bytes([p for p in model.parameters() if p.requires_grad]))
+    probes = sum(4 * layer.base.numel() for layer in rank_probe_layers(model).values())
+    return int(model_bytes + probes + optimizer_state_bytes([p for p in model.parameters() if p.requires_grad]))
 
 
 def relora_estimate_bytes(model: torch.nn.Module, recipe: cfgmod.Recipe,
                           optimizer_state_bytes: Callable[[list[torch.Tensor]], int]) -> int:
     """One checkpoint's size once the full-rank `model` has switched to ReLoRA: every attention / MLP matrix
     as its ReLoRALinear stores it (codes, scales, master copy or residual, adapters), laid out on fake tensors
-    once per shape; the other tensors as they are; the optimizer's state (`optimizer_state_bytes`, an
+    once per shape; the rank probes' starting weights; the other tensors as they are; the optimizer's state (`optimizer_state_bytes`, an
     OptimizerKind's) for what then trains."""
     codec = LayoutCodec(codec_for(recipe.quant, recipe.training.dtype))
     cfg, layers, replaced, trainable = recipe.relora, {}, set(), []
-    state_bytes = 0
-    for _, m in target_linears(model):
+    linears = list(target_linears(model))
+    state_bytes = sum(4 * linears[i][1].weight.numel() for i in rank_probe_indices(len(linears)))
+    for _, m in linears:
         key = (m.in_features, m.out_features, m.bias is not None)
         if key not in layers:
             with FakeTensorMode():

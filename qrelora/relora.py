@@ -190,6 +190,18 @@ def adapter_layers(model: nn.Module) -> list[ReLoRALinear]:
     return [m for m in model.modules() if isinstance(m, ReLoRALinear)]
 
 
+def rank_probe_indices(n_layers: int) -> list[int]:
+    """The first, middle and last of n adapted layers: the few whose accumulated update the merges report the
+    effective rank of (the paper's central claim), from a copy of their weights at the switch."""
+    return sorted({0, n_layers // 2, n_layers - 1}) if n_layers else []
+
+
+def rank_probe_layers(model: nn.Module) -> dict[str, ReLoRALinear]:
+    """The rank-probe layers (rank_probe_indices) by name."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]
+    return dict(layers[i] for i in rank_probe_indices(len(layers)))
+
+
 @dataclass
 class MergeReport:
     seconds: float

@@ -33,7 +33,7 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import ReLoRALinear, add_adapters, adapter_layers, merge_and_reinit, target_linears
+from .relora import add_adapters, adapter_layers, merge_and_reinit, rank_probe_layers, target_linears
 from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -109,11 +109,21 @@ class ReLoRAPhase:
             # so that activations get fresh segments instead of raising the reserved peak.
             torch.cuda.empty_cache()
         self.active = True
-        # A few layers' weights at the start of the ReLoRA phase: the rank of what the merges add to them
-        # is the paper's central claim, reported at every merge.
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, ReLoRALinear)]
-        picks = sorted({0, len(layers) // 2, len(layers) - 1})
-        self.rank_probes = {layers[i][0]: (layers[i][1], layers[i][1].base.full_precision()) for i in picks}
+        # A few layers' weights at the start of the ReLoRA phase: the rank of what the merges add to them is
+        # the paper's central claim, reported at every merge. A resumed run takes them from its checkpoint.
+        self.rank_probes = {name: (layer, layer.base.full_precision())
+                            for name, layer in rank_probe_layers(model).items()}
+
+    def state_dict(self) -> dict:
+        """What a resume needs beyond the model and optimizer: the rank probes' weights at the switch."""
+        return {"rank_probe_starts": {name: start for name, (_, start) in self.rank_probes.items()}}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore the rank probes' starting weights; a checkpoint without them (written before they were
+        saved) leaves no baseline to measure from, so the merges then report no effective rank."""
+        starts = (state or {}).get("rank_probe_starts", {})
+        self.rank_probes = {name: (layer, starts[name]) for name, (layer, _) in self.rank_probes.items()
+                            if name in starts}
 
     def adapter_params(self, model: nn.Module) -> list[torch.Tensor]:
         return [p for layer in adapter_layers(model) for p in (layer.lora_A, layer.lora_B)]
@@ -274,7 +284,8 @@ class Trainer:
                 "metrics_offset": self.report.metrics_offset(), "plan": self.plan}
             path = checkpoint.save(self.checkpoints_dir, self.state.step, self.unwrapped.state_dict(),
                                    self.optimizer.state_dict(), trainer_state, self.recipe,
-                                   self.recipe.checkpoint.keep_last)
+                                   self.recipe.checkpoint.keep_last,
+                                   relora_state=self.relora.state_dict() if self.relora.active else None)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -294,6 +305,8 @@ class Trainer:
                 f"({e}). It was written with another optimizer setting or by an earlier version of qrelora "
                 "(which kept the adapters in one parameter group with the embeddings). Resume it with the "
                 "version and recipe that wrote it, or start afresh with --checkpoint.resume=never.") from e
+        if self.relora.active:
+            self.relora.load_state_dict(saved.relora)
         self.data.load_state_dict(trainer_state["data"])
         self.state = TrainState(**{k: trainer_state[k] for k in ("step", "tokens", "merges")})
         if metrics_path.exists() and self.accelerator.is_main_process:
@@ -463,7 +476,8 @@ class Trainer:
         self.state.merges += 1
         with self.phases("merge"):
             m = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
-        ranks = ", ".join(str(v) for v in m.effective_rank.values())
+        ranks = (", ".join(str(v) for v in m.effective_rank.values()) or
+                 "unknown (resumed from a checkpoint without the weights at the switch)")
         self.report.event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
                                 f"|sBA|/|W| {m.update_ratio:.2e}, codes changed {m.codes_changed:.2%}, "
                                 f"moments zeroed {m.moments_zeroed:.2%}, effective rank of the update so far "

@@ -67,7 +67,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, stop_at):
     assert len(losses_a) == 30 and losses_a == losses_b  # exactly equal, step by step
     evals = lambda rs: [(r["step"], r["eval_loss"]) for r in rs if "eval_loss" in r]  # noqa: E731
     assert evals(a) == evals(b)
-    merges = lambda rs: [(r["step"], r["update_ratio"]) for r in rs if r.get("event") == "merge"]  # noqa: E731
+    merges = lambda rs: [(r["step"], r["update_ratio"], r["effective_rank"])  # noqa: E731
+                         for r in rs if r.get("event") == "merge"]
     assert merges(a) == merges(b) and len(merges(a)) == 2
 
 

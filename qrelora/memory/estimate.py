@@ -30,7 +30,7 @@ from ..loss import use_chunked_loss
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
 from ..optim import OPTIMIZERS, resolve_optimizer_name
 from ..quant import MERGE_MODES, LayoutCodec
-from ..relora import ReLoRALinear, add_adapters, codec_for
+from ..relora import ReLoRALinear, add_adapters, codec_for, rank_probe_indices
 from .tracker import StorageTracker, bytes_by_role, register_all, roles_of
 
 GiB = 2**30
@@ -405,8 +405,7 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
             where = " (mmap file on disk)" if key == "master copy" and recipe.quant.master == "mmap" else ""
             host[key + where] = sim.static[key]
     if sim.layers:  # three layers' starting weights, to report the rank of what the merges add
-        picks = sorted({0, len(sim.layers) // 2, len(sim.layers) - 1})
-        host["rank-probe copies"] = sum(4 * sim.layers[i].base.numel() for i in picks)
+        host["rank-probe copies"] = sum(4 * sim.layers[i].base.numel() for i in rank_probe_indices(len(sim.layers)))
     paged = opt["optimizer states"] if device_type == "cuda" and optimizer.startswith("paged") else 0
     if device_type == "cuda":
         for parts in candidates.values():
