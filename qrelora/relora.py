@@ -229,6 +229,26 @@ def merge_and_reinit(model: nn.Module) -> MergeReport:
     )
 
 
+@torch.no_grad()
+def frozen_checksum(model: nn.Module, chunk: int = 1 << 24) -> Tensor:
+    """A cheap fingerprint of every frozen weight's stored tensors (codes and statistics), computed where they
+    live: the sum of their bytes and a position-weighted sum (weights 1..65521 cycling), as two int64. Equal on
+    every data-parallel rank after a merge unless the ranks drifted apart; reading it needs no copy to the host
+    and no temporary larger than `chunk` values."""
+    layers = adapter_layers(model)
+    device = layers[0].base.device if layers else torch.device("cpu")
+    total = torch.zeros(2, dtype=torch.int64, device=device)
+    for layer in layers:
+        for t in layer.base.stored().values():
+            data = t.detach().reshape(-1).view(torch.uint8)
+            for start in range(0, data.numel(), chunk):
+                values = data[start:start + chunk].to(torch.int64)
+                weights = (torch.arange(start, start + values.numel(), device=device) % 65521) + 1
+                total[0] += values.sum()
+                total[1] += (values * weights).sum()
+    return total
+
+
 def frozen_bytes(model: nn.Module) -> tuple[int, int]:
     """(accelerator-resident bytes of all frozen base weights, their number of parameters)."""
     layers = adapter_layers(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
 from . import checkpoint
@@ -33,7 +33,7 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
-from .relora import add_adapters, adapter_layers, merge_and_reinit, rank_probe_layers, target_linears
+from .relora import add_adapters, adapter_layers, frozen_checksum, merge_and_reinit, rank_probe_layers, target_linears
 from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -159,6 +159,10 @@ class TrainingDiverged(QreloraError):
     """Too many non-finite steps in a row; the last good checkpoint is intact."""
 
 
+class RanksDisagree(QreloraError):
+    """Data-parallel ranks hold different frozen weights after a merge."""
+
+
 class StopRequest:
     """Turns the first SIGINT / SIGTERM into a request to stop after the current step; a second SIGINT
     interrupts at once (Python's default KeyboardInterrupt)."""
@@ -202,7 +206,12 @@ class Trainer:
         # accelerate keeps the mixed-precision setting in a process-wide singleton; each run's precision is
         # its recipe's, so forget the previous run's (the distributed set-up itself is kept).
         AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if t.dtype == "bf16" else "no")
+        # DDP's default re-sends every module buffer from rank 0 before each forward; the frozen weights' codes
+        # are buffers, which would cost their whole size per step (and hide ranks that drifted apart). They
+        # change only at merges, which every rank computes identically; check_ranks_agree verifies it.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if t.dtype == "bf16" else "no",
+                                       kwargs_handlers=[ddp])
         self.device = self.accelerator.device
         self.log.enabled = self.accelerator.is_main_process
         set_seed(t.seed)
@@ -476,12 +485,29 @@ class Trainer:
         self.state.merges += 1
         with self.phases("merge"):
             m = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
+        self.check_ranks_agree()
         ranks = (", ".join(str(v) for v in m.effective_rank.values()) or
                  "unknown (resumed from a checkpoint without the weights at the switch)")
         self.report.event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
                                 f"|sBA|/|W| {m.update_ratio:.2e}, codes changed {m.codes_changed:.2%}, "
                                 f"moments zeroed {m.moments_zeroed:.2%}, effective rank of the update so far "
                                 f"{ranks} (sampled layers, 90% energy)")
+
+    def check_ranks_agree(self) -> None:
+        """Every data-parallel rank must end a merge with the same frozen weights: compare a checksum of each
+        rank's stored codes (two numbers per rank cross the wire) and stop if any differs."""
+        if self.accelerator.num_processes == 1:
+            return
+        sums = self.accelerator.gather(frozen_checksum(self.unwrapped)[None]).cpu()
+        if (sums != sums[0]).any():
+            last = checkpoint.complete_checkpoints(self.checkpoints_dir)
+            per_rank = "; ".join(f"rank {i}: {int(a)}/{int(b)}" for i, (a, b) in enumerate(sums.tolist()))
+            raise RanksDisagree(
+                f"after merge {self.state.merges} (step {self.state.step}) the data-parallel ranks hold different "
+                f"frozen weights (checksums {per_rank}), so they no longer train one model; training stopped "
+                f"without saving. The last good checkpoint is {last[-1] if last else '(none yet)'}: resume from it. "
+                "Ranks drift apart when they compute a merge differently, e.g. different library versions or GPU "
+                "kinds on different nodes.")
 
     def _log_step(self, step: StepRecord) -> None:
         r = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm} | self.throughput.window(self.state.step)

@@ -1,4 +1,5 @@
-"""Data parallelism through torchrun on CPU (gloo): every rank ends every merge with identical weights."""
+"""Data parallelism through torchrun on CPU (gloo): every rank ends every merge with identical weights, DDP does
+not re-send the frozen codes, and a rank that drifted is caught after a merge."""
 
 import os
 import shutil
@@ -20,3 +21,5 @@ def test_two_processes_end_with_identical_weights(tmp_path, merge):
                           str(tmp_path / "run"), merge], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, f"stdout: {out.stdout[-1000:]}\nstderr: {out.stderr[-8000:]}"
     assert "IDENTICAL" in out.stdout, out.stdout
+    assert "DRIFT CAUGHT: after merge 2 (step 12) the data-parallel ranks hold different frozen weights" in out.stdout
+    assert "NOT CAUGHT" not in out.stdout
