@@ -3,6 +3,8 @@ adapters' Adam moments at ReLoRA restarts."""
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -125,6 +127,47 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
     kind = OPTIMIZERS[resolve_optimizer_name(cfg, device_type)]
     return kind.build(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def release_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> int:
+    """Drop the optimizer's state of `params` (the linears the warm-start switch replaces) and free it now;
+    returns the bytes of paged state that were freed explicitly.
+
+    Dropping an ordinary state tensor frees it. A paged 8-bit state does not go that way: bitsandbytes
+    allocates it in CUDA managed memory, wraps it in a tensor that does not own it, and keeps it in the
+    process-wide GlobalPageManager.paged_tensors (bitsandbytes 0.50: optim/optimizer.py get_state_buffer,
+    functional.get_paged), which nothing ever frees. Left there, the switch of the 1.3B recipe would keep about
+    2 GiB of the replaced linears' moments for the rest of the run. So each one is taken out of that list and
+    handed back to the CUDA driver."""
+    registry = _paged_registry()
+    freed = 0
+    for p in params:
+        state = optimizer.state.pop(p, None) or {}
+        for t in list(state.values()):
+            if isinstance(t, Tensor) and getattr(t, "is_paged", False):
+                registry[:] = [r for r in registry if r is not t]
+                freed += t.numel() * t.element_size()
+                free_paged(t)
+        state.clear()
+    return freed
+
+
+def _paged_registry() -> list:
+    """bitsandbytes' process-wide list of paged tensors (empty where bitsandbytes is not imported)."""
+    functional = sys.modules.get("bitsandbytes.functional")
+    return functional.GlobalPageManager.get_instance().paged_tensors if functional else []
+
+
+def free_paged(t: Tensor) -> None:
+    """Return a paged tensor's CUDA managed memory to the driver (cudaFree). The caller must hold the last
+    reference to `t`: it must not be read afterwards. bitsandbytes has no call for this, and its library links
+    the CUDA runtime dynamically, so the runtime is already loaded in this process under its soname."""
+    torch.cuda.synchronize()  # the optimizer's kernels may still be reading it
+    cudart = ctypes.CDLL(f"libcudart.so.{torch.version.cuda.split('.')[0]}")
+    cudart.cudaFree.argtypes = [ctypes.c_void_p]
+    error = cudart.cudaFree(ctypes.c_void_p(t.data_ptr()))
+    if error:
+        raise RuntimeError(f"cudaFree of a paged optimizer state returned CUDA error {error}")
 
 
 def carry_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer) -> None:

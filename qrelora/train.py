@@ -32,7 +32,8 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
                      fp32_model_bytes, held_out_loss, is_activation_checkpointing, materialize)
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
-from .optim import OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, resolve_optimizer_name
+from .optim import (OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, release_state,
+                    resolve_optimizer_name)
 from .relora import add_adapters, adapter_layers, frozen_checksum, merge_and_reinit, rank_probe_layers, target_linears
 from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
@@ -361,10 +362,13 @@ class Trainer:
         old_optimizer = self.optimizer
         model = self.accelerator.unwrap_model(self.model)
         self.accelerator.free_memory()  # drops the DDP wrapper, which holds the replaced weights' buffers
+        # The replaced linears' moments go before the conversion needs its workspace (paged ones explicitly:
+        # bitsandbytes never frees them); embeddings, norms and head keep theirs (carry_state).
+        freed = release_state(old_optimizer, [p for _, m in target_linears(model) for p in m.parameters()])
         self.relora.convert(model, self.device)
         self._prepare(model, old_optimizer)
         del old_optimizer
-        self.report.event({"event": "relora_start", "switch_s": time.perf_counter() - t0},
+        self.report.event({"event": "relora_start", "switch_s": time.perf_counter() - t0, "paged_freed": freed},
                     f"switched to ReLoRA at step {self.state.step}: {parameter_summary(self.unwrapped)} "
                     f"({time.perf_counter() - t0:.1f} s)")
 

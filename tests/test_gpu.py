@@ -179,3 +179,27 @@ def test_layer_by_layer_build_trains_on_cuda(tmp_path, monkeypatch):
     assert all(t.is_cuda for t in trainer.unwrapped.parameters())
     result = trainer.run()
     assert result["last_eval_loss"] < result["first_eval_loss"]
+
+
+def test_released_paged_optimizer_state_goes_back_to_the_driver():
+    """bitsandbytes never frees a paged state; release_state takes it out of bitsandbytes' registry and hands its
+    managed memory back (filled on the device by bitsandbytes, so it was resident there)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from qrelora.optim import release_state
+
+    p = torch.nn.Parameter(torch.randn(4096, 4096, device=CUDA))
+    optimizer = bnb.optim.PagedAdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    optimizer.step()
+    states = [optimizer.state[p]["state1"], optimizer.state[p]["state2"]]
+    assert all(getattr(t, "is_paged", False) for t in states)
+    ids = {id(t) for t in states}
+    del states
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    freed = release_state(optimizer, [p])
+    free_after = torch.cuda.mem_get_info()[0]
+    assert freed == 2 * p.numel() and p not in optimizer.state
+    assert not any(id(t) in ids for t in F.GlobalPageManager.get_instance().paged_tensors)
+    assert free_after - free_before >= 0.9 * freed, (free_before, free_after, freed)

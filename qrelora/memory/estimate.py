@@ -30,7 +30,7 @@ from ..loss import use_chunked_loss
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
 from ..optim import OPTIMIZERS, resolve_optimizer_name
 from ..quant import MERGE_MODES, LayoutCodec
-from ..relora import ReLoRALinear, add_adapters, codec_for, rank_probe_indices
+from ..relora import ReLoRALinear, add_adapters, codec_for, rank_probe_indices, target_linears
 from .tracker import StorageTracker, bytes_by_role, register_all, roles_of
 
 GiB = 2**30
@@ -165,6 +165,9 @@ class PhaseEstimate:
     """Whether this phase runs with activation checkpointing (Recipe.checkpointing)."""
     checkpoint_bytes: int = 0
     """Disk bytes of one checkpoint taken in this phase (model state and optimizer state)."""
+    released_at_switch: int = 0
+    """ReLoRA after a warm start: the warm start's optimizer states of the linears the switch replaces, freed
+    before the conversion (paged ones explicitly, optim.release_state: bitsandbytes never frees them)."""
 
     @property
     def moments(self) -> dict[str, int]:
@@ -305,6 +308,10 @@ class Estimator:
             phase.checkpoint_bytes = checkpoint.estimate_bytes(self.simulator(relora, checkpointing).model,
                                                                OPTIMIZERS[self.optimizer].state_bytes)
             phase.activations[checkpointing] = _activations(sim)
+            if relora and i > 0:
+                warm = self.simulator(False, r.checkpointing(False)).model
+                phase.released_at_switch = OPTIMIZERS[self.optimizer].state_bytes(
+                    [p for _, m in target_linears(warm) for p in m.parameters()])
             if compare_checkpointing:
                 one, two = (_activations(self.simulator(relora, not checkpointing, d).run(micro_batch)) for d in (1, 2))
                 depth = self.simulator(relora, checkpointing).depth

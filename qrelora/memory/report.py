@@ -154,6 +154,12 @@ def render(e: Estimate, largest: int, m: Measurement | None, console) -> None:
     what = "device + host memory" if r_cpu else "device memory"
     console.print(f"Needs {e.need / GiB:.2f} GiB of {what} (peak: the {worst.peak_moment} of the "
                   f"{worst.name.split(' (')[0]} phase); budget {e.budget / GiB:.2f} GiB: {verdict}.")
+    released = max(p.released_at_switch for p in e.phases)
+    if released:
+        console.print(f"At the switch to ReLoRA the warm start's optimizer states of the replaced linears are freed: "
+                      f"{released / GiB:.2f} GiB" + (" (paged: handed back to the CUDA driver explicitly, as "
+                                                     "bitsandbytes never frees them)." if e.optimizer.startswith("paged")
+                                                     else "."))
     master = e.master_on_disk
     if not r_cpu:
         console.print(f"Host memory (tensors): {e.host_need / GiB:.2f} GiB.")
