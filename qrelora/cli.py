@@ -96,7 +96,7 @@ def quiet_dependencies() -> None:
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
-    from .config import load_recipe
+    from .recipe import load_recipe
     from .memory import out_of_memory_report, preflight
     from .monitor import make_log
     from .train import train
@@ -124,7 +124,7 @@ def cmd_memory(args: argparse.Namespace, overrides: list[str]) -> int:
 
     import torch
 
-    from .config import load_recipe
+    from .recipe import load_recipe
     from .memory import GiB, Estimator, fix_for, measure, parse_bytes, render, vocab_size_of
     from .device import check_device
 

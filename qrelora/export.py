@@ -17,6 +17,7 @@ from .data import DataError, build_data, is_local, load_tokenizer
 from .files import apply_umask, publish
 from .loss import use_chunked_loss
 from .models import build_model, held_out_loss
+from .recipe import load_recipe
 from .relora import ReLoRALinear, add_adapters
 
 EXPORT_RECIPE = "qrelora.toml"  # the recipe travels with an export so `qrelora eval` knows its data
@@ -27,7 +28,7 @@ def _recipe_from(path: Path, data: str | None) -> cfgmod.Recipe:
     if data is not None:
         _check_data_option(data)
         overrides.append(f"--data.dataset={data}")
-    return cfgmod.load_recipe(path, overrides)
+    return load_recipe(path, overrides)
 
 
 def _check_data_option(data: str) -> None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .loss import use_chunked_loss
-
-if TYPE_CHECKING:  # config imports this module to check recipes against real model shapes
-    from .config import ModelConfig
 
 
 @dataclass(frozen=True)

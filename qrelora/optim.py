@@ -7,15 +7,12 @@ import ctypes
 import sys
 import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from .config import OptimConfig
 from .quant import bnb_functional
-
-if TYPE_CHECKING:  # config imports this module for the optimizer and reset names
-    from .config import OptimConfig
 
 
 class OptimizerKind:

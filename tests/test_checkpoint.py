@@ -17,7 +17,7 @@ import torch
 from qrelora import checkpoint
 from qrelora.checkpoint import CheckpointError
 from qrelora.cli import main
-from qrelora.config import load_recipe
+from qrelora.recipe import load_recipe
 from qrelora.monitor import PlainLog
 from qrelora.train import Trainer, TrainingDiverged, TrainingInterrupted
 

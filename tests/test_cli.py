@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qrelora.cli import main
-from qrelora.config import RecipeError, load_recipe
+from qrelora.config import RecipeError
+from qrelora.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.toml"))

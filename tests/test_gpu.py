@@ -130,7 +130,7 @@ MEASURED = ["--model.preset=custom", "--model.hidden_size=256", "--model.num_lay
 def test_memory_measure_on_cuda_agrees_with_the_estimate_and_writes_a_snapshot(tmp_path):
     from pathlib import Path
 
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.memory import GiB, Estimator, comparison, measure
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "tiny.toml",
@@ -166,7 +166,7 @@ def test_layer_by_layer_build_trains_on_cuda(tmp_path, monkeypatch):
     """The 7B path (meta-device build, each layer initialised and quantized on the GPU) on a small model."""
     from pathlib import Path
 
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.monitor import PlainLog
     from qrelora.train import Trainer
 

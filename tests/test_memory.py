@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qrelora.cli import main
-from qrelora.config import QuantConfig, load_recipe
+from qrelora.config import QuantConfig
+from qrelora.recipe import load_recipe
 from qrelora.memory import (HOST_CATEGORIES, GiB, Estimator, Simulator, StorageTracker, bytes_by_role, measure,
                             parse_bytes)
 from qrelora.optim import OPTIMIZERS, build_optimizer

@@ -12,7 +12,8 @@ import torch
 from rich.console import Console
 
 from qrelora.cli import main
-from qrelora.config import load_recipe, to_toml
+from qrelora.config import to_toml
+from qrelora.recipe import load_recipe
 from qrelora.monitor import PlainLog, RichLog, effective_rank, make_log
 from qrelora.schedule import JaggedCosine
 from qrelora.train import Trainer

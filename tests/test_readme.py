@@ -84,7 +84,7 @@ def _check_torchrun(argv: list[str]) -> None:
     from torch.distributed.run import parse_args
 
     from qrelora.cli import _parser, _split_overrides
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
 
     launched = parse_args(argv[1:])
     assert launched.module and launched.training_script == "qrelora", argv

@@ -18,7 +18,8 @@ import qrelora.monitor  # noqa: F401 - imported by `train`; here so the timing b
 import qrelora.train  # noqa: F401
 from qrelora import checkpoint
 from qrelora.cli import main
-from qrelora.config import RecipeError, load_recipe, to_toml
+from qrelora.config import RecipeError, to_toml
+from qrelora.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.toml"

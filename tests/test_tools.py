@@ -82,7 +82,7 @@ def test_merge_count_mode_shortens_the_cycles_of_the_same_relora_phase():
         import bench_methods
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
 
     recipe, overrides = bench_methods.SCALES["default"]
     base = load_recipe(ROOT / recipe, overrides)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qrelora.config import load_recipe
+from qrelora.recipe import load_recipe
 from qrelora.memory import Estimator
 from qrelora.monitor import PlainLog
 from qrelora.relora import adapter_layers

@@ -12,7 +12,7 @@ import pytest
 
 from qrelora import data as datamod
 from qrelora.cli import main
-from qrelora.config import load_recipe
+from qrelora.recipe import load_recipe
 from qrelora.data import DataError, build_data, hub, load_tokenizer
 from qrelora.monitor import PlainLog
 from qrelora.train import Trainer

@@ -162,7 +162,7 @@ def child(spec: dict) -> dict:
     import torch
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.memory.tracker import StorageTracker, register_all
     from qrelora.models import model_dims
     from qrelora.monitor import PlainLog
@@ -375,7 +375,7 @@ def main():
         return
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.models import model_dims
 
     quiet_dependencies()

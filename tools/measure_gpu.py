@@ -48,7 +48,7 @@ def child(args) -> None:
     import torch
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.monitor import PlainLog, memory_gib
     from qrelora.train import Trainer
 

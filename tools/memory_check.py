@@ -40,7 +40,7 @@ def main():
     warnings.simplefilter("ignore")
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.memory import Estimator, category_comparison, comparison, measure, vocab_size_of
 
     quiet_dependencies()

@@ -130,7 +130,7 @@ def child(spec: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.monitor import PlainLog
     from qrelora.quant import FrozenWeight
     from qrelora.relora import adapter_layers
@@ -146,7 +146,7 @@ def child(spec: dict) -> dict:
                 overrides = [*spec["overrides"], *v["extra"], f"--run.output_dir={tmp}/{len(trainers)}",
                              f"--training.steps={steps}", "--training.warmup_steps=1", "--training.grad_accum=1",
                              "--training.eval_every=0", "--checkpoint.every=0"]
-                overrides += ([f"--relora.warm_start_steps=0", f"--relora.restart_every={steps}",
+                overrides += (["--relora.warm_start_steps=0", f"--relora.restart_every={steps}",
                                "--relora.restart_warmup=0"] if v["relora"] else ["--relora.enabled=false"])
                 recipes[name] = load_recipe(spec["recipe"], overrides)
                 trainers[name] = trainer = Trainer(recipes[name], PlainLog(io.StringIO()))
@@ -336,7 +336,7 @@ def main():
 
     from results import record
 
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.memory import vocab_size_of
     from qrelora.models import resolve_shape
 

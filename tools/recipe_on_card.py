@@ -52,7 +52,7 @@ def child(recipe_path: str, overrides: list[str], warm_steps: int, cycle_steps: 
     import torch
 
     from qrelora.cli import quiet_dependencies
-    from qrelora.config import load_recipe
+    from qrelora.recipe import load_recipe
     from qrelora.memory import Estimator
     from qrelora.monitor import PlainLog
     from qrelora.train import Trainer

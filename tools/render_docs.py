@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from qrelora.cli import quiet_dependencies  # noqa: E402
-from qrelora.config import load_recipe  # noqa: E402
+from qrelora.recipe import load_recipe  # noqa: E402
 from qrelora.monitor import RichLog  # noqa: E402
 from qrelora.train import Trainer  # noqa: E402
 

@@ -15,8 +15,7 @@ on machines that lack `datasets`. A test that replaces a function patches the mo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from ..config import DataConfig
 from .base import DataError, cache_dir
 from .hub import build_streaming
 from .local import LOCAL_FORMATS, is_local
@@ -24,9 +23,6 @@ from .packing import PackedTokenData, StreamingTokenData, TokenData, eval_block_
 from .sample import SAMPLE_SDIST, SAMPLE_SDIST_SHA256, sample_corpus
 from .token_cache import token_stream
 from .tokenizer import SAMPLE_EOS, SAMPLE_VOCAB_SIZE, _train_sample_tokenizer, load_tokenizer
-
-if TYPE_CHECKING:  # the type only: config imports this package (is_local), so not at run time
-    from ..config import DataConfig
 
 __all__ = ["DataError", "LOCAL_FORMATS", "PackedTokenData", "SAMPLE_EOS", "SAMPLE_SDIST", "SAMPLE_SDIST_SHA256",
            "SAMPLE_VOCAB_SIZE", "StreamingTokenData", "TokenData", "_train_sample_tokenizer", "build_data",

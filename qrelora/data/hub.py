@@ -7,15 +7,12 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import DataConfig
 from .base import DataError, first_line
 from .packing import STREAM_BATCH_DOCS, StreamingTokenData, encode_documents
-
-if TYPE_CHECKING:  # the type only: config imports this package (is_local), so not at run time
-    from ..config import DataConfig
 
 _SHUFFLE_BUFFER_DOCS = 10_000
 HUB_PROBE_TIMEOUT_S = 5.0

@@ -10,19 +10,17 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..config import DataConfig
 from ..files import publish
 from .base import DataError, cache_dir
 from .local import local_files, local_texts
 from .packing import encode_documents
 from .sample import SAMPLE_SDIST_SHA256, sample_corpus
 from .tokenizer import tokenizer_identity
-
-if TYPE_CHECKING:  # the type only: config imports this package (is_local), so not at run time
-    from ..config import DataConfig
 
 _TOKEN_CACHE_VERSION = 1  # bump when the streams change (it keys every cached stream)
 _TOKENIZE_BATCH_DOCS = 256

@@ -13,7 +13,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from qrelora.config import load_recipe  # noqa: E402
+from qrelora.recipe import load_recipe  # noqa: E402
 from qrelora.monitor import PlainLog  # noqa: E402
 from qrelora.train import RanksDisagree, Trainer  # noqa: E402
 
