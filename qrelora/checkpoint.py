@@ -208,6 +208,24 @@ def load_files(path: Path, allow_pickle: bool = False) -> SavedState:
     return saved
 
 
+def restore(saved: SavedState, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a checkpoint's model, optimizer and RNG states into a run built by the recipe that resumes it."""
+    missing, unexpected = model.load_state_dict(saved.model, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({len(missing)} missing and {len(unexpected)} unexpected "
+            f"tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that wrote it, or --checkpoint.resume=never.")
+    try:
+        optimizer.load_state_dict(saved.optimizer)
+    except ValueError as e:  # torch's word for parameter groups that differ in number or size
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state that does not fit this run's optimizer ({e}). It was written "
+            "with another optimizer setting or by an earlier version of qrelora (which kept the adapters in one "
+            "parameter group with the embeddings). Resume it with the version and recipe that wrote it, or start "
+            "afresh with --checkpoint.resume=never.") from e
+    restore_rng(saved.rng)
+
+
 def check_loadable(path: Path, allow_pickle: bool) -> None:
     """Refuse a checkpoint of the old, pickled layout unless the user opted in."""
     if is_legacy(path) and not allow_pickle:

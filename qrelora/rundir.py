@@ -23,10 +23,13 @@ import time
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
+from torch import nn
 
 from . import checkpoint
 from .config import Recipe
 from .errors import EXIT_OK, BadInput, QreloraError
+from .optim import OPTIMIZERS, resolve_optimizer_name
+from .relora import adapter_layers, target_linears
 
 LOCK_NAME = ".lock"
 
@@ -154,6 +157,27 @@ def check_free_disk(run_dir: Path, need_bytes: int, what: str) -> None:
         raise RunDirError(f"not enough free disk in {run_dir}: {what} need about {need_bytes / 2**30:.2f} GiB and "
                           f"{free / 2**30:.2f} GiB are free. Free some space, lower checkpoint.keep_last, or choose "
                           "another place with --run.output_dir=PATH.")
+
+
+def check_disk_for_run(recipe: Recipe, model: nn.Module, device_type: str, done: int) -> None:
+    """Fail now, not hours in, when the disk cannot hold what the run will write from step `done`: its
+    checkpoints (up to keep_last + 1 at once, each the larger of the two phases' when a warm start comes first)
+    and, for a run that switches to ReLoRA later with quant.master = "mmap", the master copy's files."""
+    r, ckpt = recipe, recipe.checkpoint
+    kind = OPTIMIZERS[resolve_optimizer_name(r.optim, device_type)]
+    one = checkpoint.estimate_bytes(model, kind.state_bytes)
+    switches_later = r.relora.enabled and not adapter_layers(model)
+    if switches_later:
+        one = max(one, checkpoint.relora_estimate_bytes(model, r, kind.state_bytes))
+    checkpoints_dir = r.run_dir / "checkpoints"
+    need = checkpoint.disk_needed(one, ckpt.keep_last, len(checkpoint.complete_checkpoints(checkpoints_dir)),
+                                  checkpoint.saves_left(done, r.training.steps, ckpt.every))
+    what = (f"the run's checkpoints ({one / 2**30:.2f} GiB each, up to keep_last = {ckpt.keep_last} of them plus "
+            "the one being written)")
+    if switches_later and r.quant.master == "mmap" and r.quant.merge == "exact":
+        need += sum(4 * m.weight.numel() for _, m in target_linears(model))
+        what += " and the master copy's files (quant.master = \"mmap\")"
+    check_free_disk(r.run_dir, need, what)
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -32,10 +32,9 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
                      fp32_model_bytes, held_out_loss, is_activation_checkpointing, materialize)
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
-from .optim import (OPTIMIZERS, build_optimizer, carry_state, prune_adapter_moments, release_state,
-                    resolve_optimizer_name)
+from .optim import build_optimizer, carry_state, prune_adapter_moments, release_state
 from .relora import add_adapters, adapter_layers, frozen_checksum, merge_and_reinit, rank_probe_layers, target_linears
-from .rundir import check_free_disk, check_writable, lock_run_dir, plan_run
+from .rundir import check_disk_for_run, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
 
@@ -66,6 +65,13 @@ class MergeEvent:
 
     def record(self) -> dict:
         return {"event": "merge"} | dataclasses.asdict(self)
+
+    def describe(self, merge: int, step: int) -> str:
+        ranks = (", ".join(str(v) for v in self.effective_rank.values()) or
+                 "unknown (resumed from a checkpoint without the weights at the switch)")
+        return (f"merge {merge} after step {step}: {self.merge_s:.2f} s, |sBA|/|W| {self.update_ratio:.2e}, codes "
+                f"changed {self.codes_changed:.2%}, moments zeroed {self.moments_zeroed:.2%}, effective rank of the "
+                f"update so far {ranks} (sampled layers, 90% energy)")
 
 
 class ReLoRAPhase:
@@ -141,6 +147,22 @@ class ReLoRAPhase:
                           codes_changed=report.codes_changed, moments_zeroed=zeroed, effective_rank=ranks)
 
 
+    def check_ranks_agree(self, model: nn.Module, accelerator: Accelerator, merge: int, step: int,
+                          last_checkpoint: Path | None) -> None:
+        """Every data-parallel rank must end a merge with the same frozen weights: compare a checksum of each
+        rank's stored codes (two numbers per rank cross the wire) and stop if any differs."""
+        if accelerator.num_processes == 1:
+            return
+        sums = accelerator.gather(frozen_checksum(model)[None]).cpu()
+        if (sums != sums[0]).any():
+            per_rank = "; ".join(f"rank {i}: {int(a)}/{int(b)}" for i, (a, b) in enumerate(sums.tolist()))
+            raise RanksDisagree(
+                f"after merge {merge} (step {step}) the data-parallel ranks hold different frozen weights "
+                f"(checksums {per_rank}), so they no longer train one model; training stopped without saving. The "
+                f"last good checkpoint is {last_checkpoint or '(none yet)'}: resume from it. Ranks drift apart when "
+                "they compute a merge differently, e.g. different library versions or GPU kinds on different nodes.")
+
+
 @dataclass
 class StepRecord:
     loss: float
@@ -188,6 +210,28 @@ class StopRequest:
         return False
 
 
+class BadSteps:
+    """Counts steps skipped in a row for a non-finite loss or gradient (the update dropped, the batch spent)
+    and stops the run at training.max_bad_steps."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row = limit, 0
+
+    def good(self) -> None:
+        self.in_a_row = 0
+
+    def skipped(self, step: int, loss: float, grad_norm: float, report: RunReport, last_checkpoint: Path | None):
+        self.in_a_row += 1
+        report.event({"event": "skipped_step", "loss": loss, "grad_norm": grad_norm, "in_a_row": self.in_a_row},
+                     f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}: update skipped "
+                     f"({self.in_a_row} in a row, stopping at {self.limit})")
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.limit} steps in a row had a non-finite loss or gradient at step {step}; training stopped. "
+                f"The last good checkpoint is {last_checkpoint or '(none yet)'}. Lower training.lr, raise "
+                "training.warmup_steps or set training.grad_clip, then resume.")
+
+
 def no_phases(name: str) -> contextlib.AbstractContextManager:
     """The trainer marks the parts of a step (forward, backward, optimizer step, merge) with
     `self.phases(name)`, a hook for instrumentation: the memory profiler sets its own to measure each
@@ -195,39 +239,31 @@ def no_phases(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Trainer:
+class Run:
+    """What a run owns, built from its recipe: the device (accelerate), the run directory (locked, checked for
+    disk), data, schedule, model and optimizer, the metrics; resumed from a checkpoint and saved into one.
+    Trainer steps it."""
+
     def __init__(self, recipe: Recipe, log: PlainLog | None = None, extend_to: int | None = None):
         """extend_to: continue the run in recipe's run directory to this many steps in all (a longer or
         shorter plan than the one it was started with); its schedule's tail is recomputed from there."""
         check_device(recipe)
-        self.recipe = recipe
-        t = recipe.training
         self.log = log or PlainLog()
-        cpu = device_type(recipe) == "cpu"
-        # accelerate keeps the mixed-precision setting in a process-wide singleton; each run's precision is
-        # its recipe's, so forget the previous run's (the distributed set-up itself is kept).
-        AcceleratorState._reset_state(reset_partial_state=False)
-        # DDP's default re-sends every module buffer from rank 0 before each forward; the frozen weights' codes
-        # are buffers, which would cost their whole size per step (and hide ranks that drifted apart). They
-        # change only at merges, which every rank computes identically; check_ranks_agree verifies it.
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if t.dtype == "bf16" else "no",
-                                       kwargs_handlers=[ddp])
+        self.accelerator = make_accelerator(recipe)
         self.device = self.accelerator.device
         self.log.enabled = self.accelerator.is_main_process
-        set_seed(t.seed)
-
+        set_seed(recipe.training.seed)
         # Everything that can fail on bad input happens before the run directory is touched.
         self.run_dir = recipe.run_dir
         self.checkpoints_dir = self.run_dir / "checkpoints"
         resume_from = checkpoint.resolve_resume(recipe.checkpoint.resume, self.checkpoints_dir)
         self.plan, self.extended = plan_run(recipe, resume_from, extend_to)
-        if self.plan[-1][1] != t.steps:
-            recipe = self.recipe = dataclasses.replace(recipe, training=dataclasses.replace(t, steps=self.plan[-1][1]))
+        t = recipe.training
+        self.recipe = dataclasses.replace(recipe, training=dataclasses.replace(t, steps=self.plan[-1][1]))
         check_writable(self.run_dir)
         self.lock = lock_run_dir(self.run_dir, self.accelerator)
         try:
-            self._build(recipe, resume_from)
+            self._build(self.recipe, resume_from)
         except BaseException:
             self.lock.release()
             raise
@@ -238,28 +274,17 @@ class Trainer:
         self.tokenizer = load_tokenizer(recipe.data.tokenizer)
         self.data: TokenData = build_data(recipe.data, self.tokenizer, t.seed)
         self.eval_batches = self.data.eval_batches(t.micro_batch_size)
-
-        self.schedule = JaggedCosine.for_plan(
-            self.plan, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
-            restart_every=recipe.relora.restart_every if recipe.relora.enabled else 0,
-            restart_warmup=recipe.relora.restart_warmup, relora_start=recipe.relora.warm_start_steps,
-            relora_lr_ratio=recipe.relora.lr_ratio, jagged_all=recipe.relora.jagged == "all")
+        self.schedule = schedule_for(recipe, self.plan)
         self.relora = ReLoRAPhase(recipe, self.run_dir)
-        self.state = TrainState()
-        self.bad_steps_in_a_row = 0
-        self.phases = no_phases
-
-        saved = None
-        if resume_from is not None:
-            saved = checkpoint.load_files(resume_from, allow_pickle=recipe.checkpoint.allow_pickle)
-            if checkpoint.is_legacy(resume_from):
-                self.log.event(f"warning: read the pickled optimizer and RNG states of {resume_from} "
-                               "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
+        self.state, self.bad_steps, self.phases = TrainState(), BadSteps(t.max_bad_steps), no_phases
+        saved = checkpoint.load_files(resume_from, recipe.checkpoint.allow_pickle) if resume_from else None
+        if saved and checkpoint.is_legacy(resume_from):
+            self.log.event(f"warning: read the pickled optimizer and RNG states of {resume_from} "
+                           "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
         relora_now = self.relora.switch_due(0) or bool(saved and saved.trainer["relora_active"])
         model = build_run_model(recipe, self.tokenizer, self.device, self.relora if relora_now else None)
-        self._check_disk(model, done=saved.trainer["step"] if saved else 0)
+        check_disk_for_run(recipe, model, self.device.type, saved.trainer["step"] if saved else 0)
         self._prepare(model)
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(cfgmod.to_toml(recipe), encoding="utf-8")
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -282,9 +307,6 @@ class Trainer:
         self.accelerator.free_memory()
         self.accelerator.end_training()
 
-    # ----------------------------------------------------------------------------------------------
-    # checkpoints
-
     def save_checkpoint(self) -> Path | None:
         self.accelerator.wait_for_everyone()
         path = None
@@ -300,51 +322,18 @@ class Trainer:
         return path
 
     def _load(self, saved: checkpoint.SavedState, metrics_path: Path) -> None:
-        trainer_state = saved.trainer
-        missing, unexpected = self.unwrapped.load_state_dict(saved.model, strict=False)
-        if missing or unexpected:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {self.resumed_from} does not fit this model ({len(missing)} missing and "
-                f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that "
-                "wrote it, or --checkpoint.resume=never.")
-        try:
-            self.optimizer.load_state_dict(saved.optimizer)
-        except ValueError as e:  # torch's word for parameter groups that differ in number or size
-            raise checkpoint.CheckpointError(
-                f"checkpoint {self.resumed_from} holds optimizer state that does not fit this run's optimizer "
-                f"({e}). It was written with another optimizer setting or by an earlier version of qrelora "
-                "(which kept the adapters in one parameter group with the embeddings). Resume it with the "
-                "version and recipe that wrote it, or start afresh with --checkpoint.resume=never.") from e
+        checkpoint.restore(saved, self.resumed_from, self.unwrapped, self.optimizer)
         if self.relora.active:
             self.relora.load_state_dict(saved.relora)
-        self.data.load_state_dict(trainer_state["data"])
-        self.state = TrainState(**{k: trainer_state[k] for k in ("step", "tokens", "merges")})
+        self.data.load_state_dict(saved.trainer["data"])
+        self.state = TrainState(**{k: saved.trainer[k] for k in ("step", "tokens", "merges")})
         if metrics_path.exists() and self.accelerator.is_main_process:
             with open(metrics_path, "r+b") as f:  # drop records written after the checkpoint
-                f.truncate(trainer_state["metrics_offset"])
-        checkpoint.restore_rng(saved.rng)
+                f.truncate(saved.trainer["metrics_offset"])
 
-    # ----------------------------------------------------------------------------------------------
-    # set-up
-
-    def _check_disk(self, model: nn.Module, done: int) -> None:
-        """Fail now, not hours in, when the disk cannot hold what the run will write: its checkpoints (up to
-        keep_last + 1 at once, each the larger of the two phases' when a warm start comes first) and, for a
-        run that switches to ReLoRA later with quant.master = "mmap", the master copy's files."""
-        r, ckpt = self.recipe, self.recipe.checkpoint
-        kind = OPTIMIZERS[resolve_optimizer_name(r.optim, self.device.type)]
-        one = checkpoint.estimate_bytes(model, kind.state_bytes)
-        switches_later = r.relora.enabled and not adapter_layers(model)
-        if switches_later:
-            one = max(one, checkpoint.relora_estimate_bytes(model, r, kind.state_bytes))
-        need = checkpoint.disk_needed(one, ckpt.keep_last, len(checkpoint.complete_checkpoints(self.checkpoints_dir)),
-                                      checkpoint.saves_left(done, r.training.steps, ckpt.every))
-        what = (f"the run's checkpoints ({one / 2**30:.2f} GiB each, up to keep_last = {ckpt.keep_last} of them "
-                "plus the one being written)")
-        if switches_later and r.quant.master == "mmap" and r.quant.merge == "exact":
-            need += sum(4 * m.weight.numel() for _, m in target_linears(model))
-            what += " and the master copy's files (quant.master = \"mmap\")"
-        check_free_disk(self.run_dir, need, what)
+    def _last_checkpoint(self) -> Path | None:
+        found = checkpoint.complete_checkpoints(self.checkpoints_dir)
+        return found[-1] if found else None
 
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
@@ -357,10 +346,14 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+
+
+class Trainer(Run):
+    """Steps a Run: the training loop, the switch to ReLoRA, merges, evaluations, checkpoints and stops."""
+
     def switch_to_relora(self) -> None:
         t0 = time.perf_counter()
-        old_optimizer = self.optimizer
-        model = self.accelerator.unwrap_model(self.model)
+        old_optimizer, model = self.optimizer, self.unwrapped
         self.accelerator.free_memory()  # drops the DDP wrapper, which holds the replaced weights' buffers
         # The replaced linears' moments go before the conversion needs its workspace (paged ones explicitly:
         # bitsandbytes never frees them); embeddings, norms and head keep theirs (carry_state).
@@ -368,16 +361,13 @@ class Trainer:
         self.relora.convert(model, self.device)
         self._prepare(model, old_optimizer)
         del old_optimizer
-        self.report.event({"event": "relora_start", "switch_s": time.perf_counter() - t0, "paged_freed": freed},
-                    f"switched to ReLoRA at step {self.state.step}: {parameter_summary(self.unwrapped)} "
-                    f"({time.perf_counter() - t0:.1f} s)")
-
-    # ----------------------------------------------------------------------------------------------
-    # steps
+        seconds = time.perf_counter() - t0
+        self.report.event({"event": "relora_start", "switch_s": seconds, "paged_freed": freed},
+                          f"switched to ReLoRA at step {self.state.step}: {parameter_summary(self.unwrapped)} "
+                          f"({seconds:.1f} s)")
 
     def _micro_batch(self) -> torch.Tensor:
-        acc = self.accelerator
-        mbs = self.recipe.training.micro_batch_size
+        acc, mbs = self.accelerator, self.recipe.training.micro_batch_size
         batch = self.data.next_batch(mbs * acc.num_processes)
         return batch[acc.process_index * mbs:(acc.process_index + 1) * mbs].to(self.device)
 
@@ -414,12 +404,6 @@ class Trainer:
     def evaluate(self) -> float:
         return held_out_loss(self.model, self.eval_batches, self.device, self.recipe.training.dtype == "bf16")
 
-    # ----------------------------------------------------------------------------------------------
-    # reporting
-
-    # ----------------------------------------------------------------------------------------------
-    # the loop
-
     def run(self) -> dict:
         t, ckpt = self.recipe.training, self.recipe.checkpoint
         self.log.banner(run_info(self))
@@ -427,7 +411,7 @@ class Trainer:
         if self.extended:
             at, total = self.plan[-1]
             self.report.event({"event": "extend", "from_steps": self.plan[-2][1], "to_steps": total,
-                         "lr_at_step": self.schedule(at)}, f"extended: {self.schedule.describe_extension()}")
+                               "lr_at_step": self.schedule(at)}, f"extended: {self.schedule.describe_extension()}")
         if self.resumed_from is not None:
             self.log.event(f"resumed from {self.resumed_from} at step {self.state.step}")
             first_eval = eval_loss = float("nan")
@@ -439,16 +423,16 @@ class Trainer:
         try:
             with StopRequest() as stop:
                 while self.state.step < t.steps:
-                    record = self.step()
-                    if record is None:
+                    if (record := self.step()) is None:
                         continue
-                    if self.state.step % t.log_every == 0 or self.state.step == t.steps:
+                    step = self.state.step
+                    if step % t.log_every == 0 or step == t.steps:
                         self._log_step(record)
-                    if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < t.steps:
+                    if t.eval_every and step % t.eval_every == 0 and step < t.steps:
                         eval_loss = self.report.eval(*timed(self.evaluate))
                     if stop.signal_name:
                         self._stop(stop.signal_name)
-                    if ckpt.every and self.state.step % ckpt.every == 0 and self.state.step < t.steps:
+                    if ckpt.every and step % ckpt.every == 0 and step < t.steps:
                         self._save_and_log()
                 eval_loss = self.report.eval(*timed(self.evaluate))
                 self._save_and_log()
@@ -474,9 +458,9 @@ class Trainer:
         loss, grad_norm = self.train_step(lr, full_lr=self.schedule.full_rate(step))
         seconds = time.perf_counter() - t0
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self._skip_bad_step(loss, grad_norm)
+            self.bad_steps.skipped(step + 1, loss, grad_norm, self.report, self._last_checkpoint())
             return None
-        self.bad_steps_in_a_row = 0
+        self.bad_steps.good()
         self.state.step += 1
         self.state.tokens += self.tokens_per_step
         self.log.advance(self.state.step)
@@ -485,33 +469,14 @@ class Trainer:
         return StepRecord(loss=loss, lr=lr, grad_norm=grad_norm, seconds=seconds)
 
     def merge(self) -> None:
-        """Merge every adapter into its base, reset the adapters and their moments; log the merge."""
-        self.state.merges += 1
+        """Merge every adapter into its base, reset the adapters and their moments, check that the ranks
+        agree; log the merge."""
+        s = self.state
+        s.merges += 1
         with self.phases("merge"):
-            m = self.relora.merge(self.unwrapped, self.optimizer, self.state.merges)
-        self.check_ranks_agree()
-        ranks = (", ".join(str(v) for v in m.effective_rank.values()) or
-                 "unknown (resumed from a checkpoint without the weights at the switch)")
-        self.report.event(m.record(), f"merge {self.state.merges} after step {self.state.step}: {m.merge_s:.2f} s, "
-                                f"|sBA|/|W| {m.update_ratio:.2e}, codes changed {m.codes_changed:.2%}, "
-                                f"moments zeroed {m.moments_zeroed:.2%}, effective rank of the update so far "
-                                f"{ranks} (sampled layers, 90% energy)")
-
-    def check_ranks_agree(self) -> None:
-        """Every data-parallel rank must end a merge with the same frozen weights: compare a checksum of each
-        rank's stored codes (two numbers per rank cross the wire) and stop if any differs."""
-        if self.accelerator.num_processes == 1:
-            return
-        sums = self.accelerator.gather(frozen_checksum(self.unwrapped)[None]).cpu()
-        if (sums != sums[0]).any():
-            last = checkpoint.complete_checkpoints(self.checkpoints_dir)
-            per_rank = "; ".join(f"rank {i}: {int(a)}/{int(b)}" for i, (a, b) in enumerate(sums.tolist()))
-            raise RanksDisagree(
-                f"after merge {self.state.merges} (step {self.state.step}) the data-parallel ranks hold different "
-                f"frozen weights (checksums {per_rank}), so they no longer train one model; training stopped "
-                f"without saving. The last good checkpoint is {last[-1] if last else '(none yet)'}: resume from it. "
-                "Ranks drift apart when they compute a merge differently, e.g. different library versions or GPU "
-                "kinds on different nodes.")
+            m = self.relora.merge(self.unwrapped, self.optimizer, s.merges)
+        self.relora.check_ranks_agree(self.unwrapped, self.accelerator, s.merges, s.step, self._last_checkpoint())
+        self.report.event(m.record(), m.describe(s.merges, s.step))
 
     def _log_step(self, step: StepRecord) -> None:
         r = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm} | self.throughput.window(self.state.step)
@@ -529,23 +494,31 @@ class Trainer:
     def _save_and_log(self) -> None:
         t0 = time.perf_counter()
         path = self.save_checkpoint()
-        self.report.event({"event": "checkpoint", "path": str(path), "checkpoint_s": time.perf_counter() - t0},
-                    f"checkpoint at step {self.state.step}: {path} ({time.perf_counter() - t0:.1f} s)")
+        seconds = time.perf_counter() - t0
+        self.report.event({"event": "checkpoint", "path": str(path), "checkpoint_s": seconds},
+                          f"checkpoint at step {self.state.step}: {path} ({seconds:.1f} s)")
 
-    def _skip_bad_step(self, loss: float, grad_norm: float) -> None:
-        """A non-finite loss or gradient: the update is dropped (optimizer untouched), the batch is spent."""
-        self.bad_steps_in_a_row += 1
-        limit = self.recipe.training.max_bad_steps
-        self.report.event({"event": "skipped_step", "loss": loss, "grad_norm": grad_norm,
-                     "in_a_row": self.bad_steps_in_a_row},
-                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {self.state.step + 1}: "
-                    f"update skipped ({self.bad_steps_in_a_row} in a row, stopping at {limit})")
-        if self.bad_steps_in_a_row >= limit:
-            last = checkpoint.complete_checkpoints(self.checkpoints_dir)
-            raise TrainingDiverged(
-                f"{limit} steps in a row had a non-finite loss or gradient at step {self.state.step + 1}; training "
-                f"stopped. The last good checkpoint is {last[-1] if last else '(none yet)'}. Lower training.lr, "
-                "raise training.warmup_steps or set training.grad_clip, then resume.")
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """accelerate's Accelerator for the recipe's device and precision."""
+    # accelerate keeps the mixed-precision setting in a process-wide singleton; each run's precision is its
+    # recipe's, so forget the previous run's (the distributed set-up itself is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # DDP's default re-sends every module buffer from rank 0 before each forward; the frozen weights' codes are
+    # buffers, which would cost their whole size per step (and hide ranks that drifted apart). They change only
+    # at merges, which every rank computes identically; ReLoRAPhase.check_ranks_agree verifies it.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=device_type(recipe) == "cpu", kwargs_handlers=[ddp],
+                       mixed_precision="bf16" if recipe.training.dtype == "bf16" else "no")
+
+
+def schedule_for(recipe: Recipe, plan: list[tuple[int, int]]) -> JaggedCosine:
+    """The run's learning-rate schedule, for its plan of lengths (see rundir.plan_run)."""
+    t, r = recipe.training, recipe.relora
+    return JaggedCosine.for_plan(plan, lr=t.lr, warmup_steps=t.warmup_steps, min_lr_ratio=t.min_lr_ratio,
+                                 restart_every=r.restart_every if r.enabled else 0, restart_warmup=r.restart_warmup,
+                                 relora_start=r.warm_start_steps, relora_lr_ratio=r.lr_ratio,
+                                 jagged_all=r.jagged == "all")
 
 
 def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReLoRAPhase | None) -> nn.Module:

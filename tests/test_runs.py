@@ -136,7 +136,7 @@ def test_one_run_per_directory(tmp_path, capsys):
         holder.wait()
     assert (run / ".lock").exists()  # what a crash leaves behind
     assert train(run, "--training.steps=4", "--relora.warm_start_steps=0", "--relora.restart_every=2",
-                   "--training.warmup_steps=1") == 0
+                   "--training.warmup_steps=1", "--relora.restart_warmup=0") == 0
     assert not (run / ".lock").exists()
 
     # A real trainer holds the directory from start-up; `qrelora train` in another process is refused.

@@ -67,7 +67,7 @@ def child(recipe_path: str, overrides: list[str], warm_steps: int, cycle_steps: 
     one_batch = shape.data.seq_len * shape.training.micro_batch_size
     recipe = load_recipe(recipe_path, [*overrides, f"--training.steps={steps}", "--training.warmup_steps=1",
                                        f"--relora.warm_start_steps={warm}", f"--relora.restart_every={cycle_steps}",
-                                       "--relora.restart_warmup=1", "--training.eval_every=0",
+                                       f"--relora.restart_warmup={1 if warm else 0}", "--training.eval_every=0",
                                        f"--data.eval_tokens={one_batch}", "--checkpoint.every=0",
                                        "--checkpoint.resume=never"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)

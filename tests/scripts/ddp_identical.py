@@ -27,8 +27,8 @@ recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [
     f"--quant.merge={merge}", "--relora.dropout=0.1"])
 trainer = Trainer(recipe, PlainLog(io.StringIO()))
 checks = []
-original_check = trainer.check_ranks_agree
-trainer.check_ranks_agree = lambda: checks.append(trainer.state.merges) or original_check()
+original_check = trainer.relora.check_ranks_agree
+trainer.relora.check_ranks_agree = lambda *args: checks.append(args[2]) or original_check(*args)
 trainer.run()
 assert trainer.model.broadcast_buffers is False, "DDP re-sends the frozen codes (module buffers) every step"
 assert checks == [1, 2], checks  # every merge compared the ranks' frozen weights
@@ -45,7 +45,7 @@ if dist.get_rank() == 1:
     codes = trainer.unwrapped.model.layers[0].mlp.down_proj.base.stored()
     next(iter(codes.values())).view(-1)[0] ^= 1
 try:
-    original_check()
+    original_check(trainer.unwrapped, trainer.accelerator, 2, 12, None)
     print(f"rank {dist.get_rank()}: DRIFT NOT CAUGHT", flush=True)
 except RanksDisagree as e:
     if dist.get_rank() == 0:
