@@ -68,8 +68,9 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     tmp = checkpoints_dir / f".tmp-step_{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    save_file(tensors, tmp / "model.safetensors")
+    tensors, aliases = unique_tensors(model_state)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "model.safetensors",
+              metadata={"qrelora_aliases": json.dumps(aliases)})
     fsync_file(tmp / "model.safetensors")
     save_tree(tmp / "optimizer.safetensors", optimizer_state)
     rng = {"cpu": torch.get_rng_state()}
@@ -86,6 +87,23 @@ def save(checkpoints_dir: Path, step: int, model_state: dict[str, torch.Tensor],
     for old in complete_checkpoints(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the state with every tensor once, {second name: first name}). A model with tied embeddings holds its
+    LM head and its token embeddings as one parameter under two names; safetensors refuses to store one
+    storage twice, and storing it twice would also untie it on load."""
+    first: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name, t in state.items():
+        # The storage object itself, not its data pointer: tensors of the memory estimate have no data.
+        key = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+        else:
+            first.setdefault(key, name)
+            unique[name] = t
+    return unique, aliases
 
 
 def is_complete(path: Path, files: tuple[str, ...] = FILES) -> bool:
@@ -178,7 +196,11 @@ def _unreadable(path: Path, e: Exception) -> CheckpointError:
 def load_model_state(path: Path) -> SavedState:
     """The model tensors and trainer state of a checkpoint (all that eval and export need)."""
     try:
-        return SavedState(model=load_file(str(path / "model.safetensors")), trainer=_read_json(path / "trainer.json"))
+        with safe_open(str(path / "model.safetensors"), framework="pt", device="cpu") as f:
+            aliases = json.loads((f.metadata() or {}).get("qrelora_aliases", "{}"))
+        model = load_file(str(path / "model.safetensors"))
+        model |= {alias: model[name] for alias, name in aliases.items()}
+        return SavedState(model=model, trainer=_read_json(path / "trainer.json"))
     except Exception as e:  # noqa: BLE001 - a damaged file of any kind
         raise _unreadable(path, e) from None
 
@@ -319,7 +341,7 @@ def estimate_bytes(model: torch.nn.Module, optimizer_state_bytes: Callable[[list
     """Size of one checkpoint of this model: its state (the merges' master copy or residual included), the
     rank probes' starting weights in the ReLoRA phase, plus the optimizer's state for its trainable parameters
     (`optimizer_state_bytes`, an OptimizerKind's)."""
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model_bytes = sum(t.numel() * t.element_size() for t in unique_tensors(model.state_dict())[0].values())
     probes = sum(4 * layer.base.numel() for layer in rank_probe_layers(model).values())
     return int(model_bytes + probes + optimizer_state_bytes([p for p in model.parameters() if p.requires_grad]))
 
@@ -343,7 +365,7 @@ def relora_estimate_bytes(model: torch.nn.Module, recipe: cfgmod.Recipe,
         state_bytes += sum(t.numel() * t.element_size() for t in layers[key].state_dict().values())
         trainable += [p for p in layers[key].parameters() if p.requires_grad]
         replaced |= {id(t) for t in m.parameters()}
-    state_bytes += sum(t.numel() * t.element_size() for t in model.state_dict(keep_vars=True).values()
+    state_bytes += sum(t.numel() * t.element_size() for t in unique_tensors(model.state_dict(keep_vars=True))[0].values()
                        if id(t) not in replaced)
     trainable += [p for p in model.parameters() if p.requires_grad and id(p) not in replaced]
     return state_bytes + optimizer_state_bytes(trainable)

@@ -16,7 +16,8 @@ from . import config as cfgmod
 from .data import DataError, build_data, is_local, load_tokenizer
 from .files import apply_umask, publish
 from .loss import use_chunked_loss
-from .models import build_model, held_out_loss
+from .models import build_model, held_out_loss, materialize
+from .pretrained import meta_model, read_config
 from .recipe import load_recipe
 from .relora import ReLoRALinear, add_adapters
 
@@ -63,10 +64,17 @@ def load_checkpoint_model(path: Path, data: str | None = None):
     saved = checkpoint.load_model_state(path)
     model_state, trainer_state = saved.model, saved.trainer
     tokenizer = load_tokenizer(recipe.data.tokenizer)
-    model = build_model(recipe.model, len(tokenizer), recipe.data.seq_len, eos_id=tokenizer.eos_token_id)
+    # Laid out on the meta device and given storage one module at a time (every tensor is then overwritten by
+    # the checkpoint's): an init_from model's weights are not read again, only its config.json.
+    if recipe.model.init_from:
+        model = meta_model(recipe.model.init_from)
+    else:
+        model = build_model(recipe.model, len(tokenizer), recipe.data.seq_len, eos_id=tokenizer.eos_token_id,
+                            device="meta")
     if trainer_state["relora_active"]:
         add_adapters(model, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype,
-                     seed=recipe.training.seed)
+                     seed=recipe.training.seed, device="cpu")
+    materialize(model, "cpu")
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:
         raise checkpoint.CheckpointError(f"checkpoint {path} does not match the model its config.toml describes "
@@ -97,6 +105,8 @@ def export(checkpoint_path: Path, out_dir: Path, dtype: str = "bf16") -> Path:
         owner = model.get_submodule(parent)
         setattr(owner, child, merged_linear(getattr(owner, child), torch_dtype))
     model.to(torch_dtype)
+    if recipe.model.init_from:  # the trainer switches the KV cache off; the model's own config goes out
+        model.config.use_cache = read_config(recipe.model.init_from).get("use_cache", True)
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with _no_progress_bars():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,16 +182,27 @@ def init_module(module: nn.Module, std: float) -> None:
             module.weight.fill_(1.0)
 
 
-def materialize(model: nn.Module, device: torch.device | str) -> None:
-    """Give every tensor still on the meta device storage on `device`, initialised as in a fresh model.
+def fresh_init(model: nn.Module) -> Callable[[str, nn.Module], None]:
+    """The fill of a fresh model (see materialize): transformers' initialisation of each module."""
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    return lambda name, module: init_module(module, std)
+
+
+def materialize(model: nn.Module, device: torch.device | str,
+                fill: Callable[[str, nn.Module], None] | None = None) -> None:
+    """Give every tensor still on the meta device storage on `device`, one module at a time, and fill it:
+    initialised as in a fresh model, or with `fill(module name, module)` (e.g. read from a checkpoint).
 
     With a model built on the meta device, the ReLoRA conversion materializes and quantizes the big
     linears one at a time (`add_adapters`); this does the rest (embeddings, norms, head, rotary tables), so
-    a model never exists in fp32 as a whole: a 7B model is built straight into a 24 GB card."""
-    std = model.config.initializer_range
+    a model never exists in fp32 as a whole: a 7B model is built straight into a 24 GB card. Parameters tied
+    to another (the LM head of tied embeddings) are tied again, not given storage of their own."""
+    fill = fill or fresh_init(model)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
     for name, module in list(model.named_modules()):
-        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if not any(t.is_meta for t in own):
+        own = [(f"{name}.{n}" if name else n, t) for n, t in
+               [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]]
+        if not any(t.is_meta for _, t in own) or all(n in tied for n, _ in own):
             continue
         if hasattr(module, "inv_freq"):  # rotary tables are computed from the config, not drawn
             parent, child = name.rsplit(".", 1)
@@ -198,7 +210,9 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
                 setattr(model.get_submodule(parent), child, type(module)(config=model.config))
         else:
             module.to_empty(device=device, recurse=False)
-            init_module(module, std)
+            fill(name, module)
+    if tied:
+        model.tie_weights()
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after materializing: {left[:3]}")

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import torch
 
-from .models import count_parameters, resolve_shape
+from .models import count_parameters
 from .optim import resolve_optimizer_name
 from .relora import codec_for, frozen_bytes
 
@@ -112,14 +112,21 @@ class Throughput:
 def run_info(trainer) -> dict[str, str]:
     """What the start-up banner shows about a Trainer's run."""
     r, t, world = trainer.recipe, trainer.recipe.training, trainer.accelerator.num_processes
-    shape = resolve_shape(r.model)
+    c = trainer.unwrapped.config
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    model = (f"{ {'llama': 'LLaMA', 'mistral': 'Mistral'}.get(c.model_type, c.model_type)}, hidden {c.hidden_size}, "
+             f"{c.num_hidden_layers} layers, {c.num_attention_heads} heads"
+             + (f" ({kv} key/value)" if kv != c.num_attention_heads else "") + f", MLP {c.intermediate_size}, "
+             f"vocabulary {c.vocab_size:,}" + (f" (tokenizer {len(trainer.tokenizer):,})"
+                                               if len(trainer.tokenizer) != c.vocab_size else "")
+             + (", tied embeddings" if getattr(c, "tie_word_embeddings", False) else "")
+             + (f"; from {r.model.init_from}" if r.model.init_from else ""))
     info = {
         "run": f"{r.run.name} -> {trainer.run_dir}",
         "device": device_description(trainer.device) + (f" x {world} processes" if world > 1 else ""),
         "versions": ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "bitsandbytes", "accelerate")),
         "precision": f"{t.dtype} autocast, fp32 trainable weights",
-        "model": f"LLaMA, hidden {shape.hidden_size}, {shape.num_layers} layers, {shape.num_heads} heads, "
-                 f"MLP {shape.mlp_size}, vocabulary {len(trainer.tokenizer):,}",
+        "model": model,
         "parameters": parameter_summary(trainer.unwrapped),
         "batch": f"{t.micro_batch_size} x {r.data.seq_len} tokens x {t.grad_accum} accumulation"
                  f"{f' x {world} processes' if world > 1 else ''} = {trainer.tokens_per_step:,} tokens/step; "

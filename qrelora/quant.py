@@ -358,10 +358,13 @@ class HostTensor:
         if mmap_path is None:
             self.tensor = value.clone()
         else:
+            # Written through the file, then mapped: writing into the mapping would keep every page of every
+            # master mapped into this process (resident) until the kernel needs the memory back.
             mmap_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(mmap_path, "wb") as f:
+                f.write(value.contiguous().view(torch.uint8).numpy())  # the bytes as they are, no copy
             self.tensor = torch.from_file(str(mmap_path), shared=True, size=value.numel(),
                                           dtype=dtype).view(value.shape)
-            self.tensor.copy_(value)
 
 
 class MergeMode:
@@ -379,6 +382,8 @@ class MergeMode:
     host_category: str | None = None
     host_mappable = False
     """Whether the host tensor may live in a memory-mapped file (quant.master = "mmap")."""
+    keeps_full_precision = False
+    """Whether full_precision() is the weight before quantizing (the master, or stored + residual)."""
     workspace: dict[str, float]
 
     def host_value(self, w: Tensor, frozen: FrozenWeight) -> Tensor | None:
@@ -400,6 +405,7 @@ class ExactMerge(MergeMode):
     """An fp32 master in host memory takes every update; the device holds quantize(master)."""
 
     name, host_dtype, host_category, host_mappable = "exact", torch.float32, "master copy", True
+    keeps_full_precision = True
     workspace = {"cpu": 2.4, "cuda": 1.4}
 
     def host_value(self, w, frozen):
@@ -420,6 +426,7 @@ class ErrorFeedbackMerge(MergeMode):
     digits at half the host memory of a master copy."""
 
     name, host_dtype, host_category = "error_feedback", torch.bfloat16, "residual"
+    keeps_full_precision = True
     workspace = {"cpu": 5.0, "cuda": 5.0}
 
     def host_value(self, w, frozen):
@@ -495,6 +502,7 @@ class FrozenWeight(nn.Module):
         self.shape = weight.shape
         self.seed = seed
         self.merges_done = 0
+        self.unquantized = False  # relora.unquantized: compute with full_precision() instead of the codes
         w = weight.detach().float()
         self.store(codec.quantize(w))
         self.host: HostTensor | None = None
@@ -523,6 +531,8 @@ class FrozenWeight(nn.Module):
         return next(iter(self._buffers.values())).device
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.unquantized:
+            return self.full_precision().to(self.device, dtype)
         return self.codec.dequantize(self.stored(), self.shape, dtype)
 
     def numel(self) -> int:

@@ -12,6 +12,7 @@ from .config import TABLE_CHOICES, ModelConfig, Recipe, RecipeError, parse_recip
 from .data import is_local
 from .models import model_dims
 from .optim import OPTIMIZERS, RESETS
+from .pretrained import PretrainedError, architecture_problem, read_config, weight_files
 from .quant import MERGE_MODES, STORAGE_FORMATS, storage_class
 from .schedule import JaggedCosine
 
@@ -29,10 +30,39 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a TOML recipe, apply overrides, check every value; raise RecipeError listing every problem."""
     recipe, problems = parse_recipe(path, overrides)
     problems += _choice_problems(recipe)
+    problems += _resolve_tokenizer(recipe)
     problems += validate(recipe)
     if problems:
         raise RecipeError(recipe.source, problems)
     return recipe
+
+
+def _resolve_tokenizer(r: Recipe) -> list[str]:
+    """data.tokenizer = "init_from" is the tokenizer saved with the model.init_from checkpoint: the directory,
+    as the run's config.toml then records it."""
+    if r.data.tokenizer != "init_from":
+        return []
+    if not r.model.init_from:
+        return ['[data] tokenizer = "init_from": means the tokenizer of the model.init_from checkpoint, but '
+                "model.init_from is not set; set --model.init_from=DIR (a Hugging Face model directory), or name "
+                'a tokenizer ("sample", a local directory or a hub name)']
+    r.data.tokenizer = r.model.init_from
+    return []
+
+
+def _init_from_problems(r: Recipe) -> list[str]:
+    """An init_from directory that holds no model qrelora can read: another architecture, weights missing or
+    only as pickles (pretrained.weight_files). Nothing but config.json and the shard index is read."""
+    m = r.model
+    if not m.init_from or not Path(m.init_from).expanduser().is_dir():
+        return []  # reported by validate
+    try:
+        problem = architecture_problem(read_config(m.init_from), m.init_from)
+        if problem is None:
+            weight_files(m.init_from, r.checkpoint.allow_pickle)
+    except PretrainedError as e:
+        problem = str(e)
+    return [f"[model] init_from = {m.init_from!r}: {problem}"] if problem else []
 
 
 def _choice_problems(r: Recipe) -> list[str]:
@@ -134,7 +164,7 @@ def validate(r: Recipe) -> list[str]:
     need(c.keep_last >= 1, "checkpoint", "keep_last", "must be >= 1")
     if c.resume not in ("auto", "never"):
         need(Path(c.resume).exists(), "checkpoint", "resume", 'must be "auto", "never" or an existing checkpoint path')
-    return p + _shape_problems(r)
+    return p + _init_from_problems(r) + _shape_problems(r)
 
 
 def _shape_problems(r: Recipe) -> list[str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QuantConfig, ReLoRAConfig
-from .models import init_module, is_activation_checkpointing
+from .models import fresh_init, is_activation_checkpointing
 from .quant import Codec, FrozenWeight, LayerMerge, make_codec
 from .seeding import derive_seed
 
@@ -153,17 +154,18 @@ def target_linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 
 def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, training_dtype: str = "bf16",
                  mmap_dir: Path | None = None, seed: int = 0, device: torch.device | str | None = None,
-                 codec: Codec | None = None) -> list[ReLoRALinear]:
+                 codec: Codec | None = None, fill: Callable[[str, nn.Module], None] | None = None) -> list[ReLoRALinear]:
     """Replace every attention / MLP linear with a ReLoRALinear, one layer at a time.
 
     With `device` set, each linear is moved there just before it is quantized, so a model held in host
     memory is converted on the GPU with one fp32 layer of accelerator workspace (a 7B model in fp32 does
-    not fit a 24 GB card; its NF4 form does). Linears still on the meta device are initialised there
-    instead, one at a time (see `models.materialize`). `codec` replaces the recipe's storage format (the memory
+    not fit a 24 GB card; its NF4 form does). Linears still on the meta device are given storage there
+    instead, one at a time, and filled by `fill(name, linear)`: initialised as in a fresh model by default, or
+    read from a checkpoint (see `models.materialize`). `codec` replaces the recipe's storage format (the memory
     estimator passes one that only lays out tensors)."""
     codec = codec or codec_for(quant, training_dtype)
     checkpointed = is_activation_checkpointing(model)
-    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    fill = fill or fresh_init(model)
     # Names only: holding the modules in a list would keep every replaced fp32 weight alive until the end.
     names = [name for name, _ in target_linears(model)]
     layers = []
@@ -171,9 +173,9 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
         parent_name, child = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child)
-        if linear.weight.is_meta:  # a model built on the meta device: initialise this layer now, in place
+        if linear.weight.is_meta:  # a model built on the meta device: this layer's tensors now, in place
             linear.to_empty(device=device or "cpu")
-            init_module(linear, std)
+            fill(name, linear)
         elif device is not None:
             linear.to(device)
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
@@ -184,6 +186,23 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
         del linear
         layers.append(layer)
     return layers
+
+
+@contextlib.contextmanager
+def unquantized(model: nn.Module) -> Iterator[bool]:
+    """Inside, every adapted layer computes with its weight as it was before quantizing (the exact merges'
+    master, or the stored weight plus the error-feedback residual), copied to the device layer by layer: what
+    the model would do without 4-bit storage. Yields whether the merge mode keeps that weight (stochastic and
+    naive merges keep nothing, so the layers then compute as quantized)."""
+    layers = adapter_layers(model)
+    knows = bool(layers) and all(layer.base.mode.keeps_full_precision for layer in layers)
+    for layer in layers:
+        layer.base.unquantized = knows
+    try:
+        yield knows
+    finally:
+        for layer in layers:
+            layer.base.unquantized = False
 
 
 def adapter_layers(model: nn.Module) -> list[ReLoRALinear]:

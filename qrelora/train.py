@@ -33,7 +33,9 @@ from .models import (build_model, disable_activation_checkpointing, enable_activ
 from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_rank, flops_per_token, parameter_summary,
                       run_info)
 from .optim import build_optimizer, carry_state, prune_adapter_moments, release_state
-from .relora import add_adapters, adapter_layers, frozen_checksum, merge_and_reinit, rank_probe_layers, target_linears
+from .pretrained import Fill, fill_from, meta_model
+from .relora import (add_adapters, adapter_layers, codec_for, frozen_checksum, merge_and_reinit, rank_probe_layers,
+                     target_linears, unquantized)
 from .rundir import check_disk_for_run, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -105,12 +107,13 @@ class ReLoRAPhase:
     def switch_due(self, step: int) -> bool:
         return self.enabled and not self.active and step >= self.cfg.warm_start_steps
 
-    def convert(self, model: nn.Module, device: torch.device) -> None:
-        """Freeze the attention / MLP linears into their storage format and attach fresh adapters."""
+    def convert(self, model: nn.Module, device: torch.device, fill: Fill | None = None) -> None:
+        """Freeze the attention / MLP linears into their storage format and attach fresh adapters (`fill`: how a
+        linear still on the meta device gets its weights, see add_adapters)."""
         if not self.cfg.activation_checkpointing and is_activation_checkpointing(model):
             disable_activation_checkpointing(model)  # before add_adapters, which reads it
         add_adapters(model, self.cfg, self.quant, training_dtype=self.training_dtype,
-                     mmap_dir=self.run_dir / "master", seed=self.seed, device=device)
+                     mmap_dir=self.run_dir / "master", seed=self.seed, device=device, fill=fill)
         if device.type == "cuda":
             # The replaced fp32 weights' blocks stay in the allocator's cache, fragmented; hand them back
             # so that activations get fresh segments instead of raising the reserved peak.
@@ -282,7 +285,8 @@ class Run:
             self.log.event(f"warning: read the pickled optimizer and RNG states of {resume_from} "
                            "(checkpoint.allow_pickle = true); new checkpoints hold no pickles")
         relora_now = self.relora.switch_due(0) or bool(saved and saved.trainer["relora_active"])
-        model = build_run_model(recipe, self.tokenizer, self.device, self.relora if relora_now else None)
+        model = build_run_model(recipe, self.tokenizer, self.device, self.relora if relora_now else None,
+                                resuming=saved is not None)
         check_disk_for_run(recipe, model, self.device.type, saved.trainer["step"] if saved else 0)
         self._prepare(model)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -417,6 +421,8 @@ class Trainer(Run):
             first_eval = eval_loss = float("nan")
         else:
             first_eval = eval_loss = self.report.eval(*timed(self.evaluate))
+            if self.recipe.model.init_from and self.relora.active:
+                self._report_quantization_cost(first_eval)
         started = time.perf_counter()
         self.throughput = Throughput(self.tokens_per_step, flops_per_token(self.unwrapped), self.device,
                                      self.accelerator.num_processes, t.steps, self.state.step)
@@ -445,6 +451,20 @@ class Trainer(Run):
                       f"eval loss {change}")
         return {"first_eval_loss": first_eval, "last_eval_loss": eval_loss, "steps": self.state.step,
                 "wall_s": wall}
+
+    def _report_quantization_cost(self, quantized_loss: float) -> None:
+        """What storing a pretrained model's linears quantized costs before any training: its eval loss with the
+        weights as read (the exact merges' master) next to the loss as it now computes."""
+        with unquantized(self.unwrapped) as knows:
+            if not knows:
+                return  # stochastic and naive merges keep no copy of the weights as read
+            own, seconds = timed(self.evaluate)
+        cost = quantized_loss - own
+        label = codec_for(self.recipe.quant, self.recipe.training.dtype).label
+        self.report.event({"event": "quantization_cost", "eval_loss_unquantized": own, "eval_loss": quantized_loss,
+                           "eval_s": seconds},
+                          f"eval at step 0 before {label} storage (the checkpoint's own): loss {own:.4f}; as stored "
+                          f"{quantized_loss:.4f}, {cost:+.4f} nats ({math.exp(cost) - 1:+.1%} perplexity)")
 
     def step(self) -> StepRecord | None:
         """One optimizer step of the run: the switch to ReLoRA when it is due, the step at the schedule's
@@ -521,28 +541,37 @@ def schedule_for(recipe: Recipe, plan: list[tuple[int, int]]) -> JaggedCosine:
                                  jagged_all=r.jagged == "all")
 
 
-def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReLoRAPhase | None) -> nn.Module:
-    """The model a run starts from: built where build_device_for says (on the accelerator when its fp32
-    weights take under half the free memory; a bigger one that goes straight to ReLoRA on the meta device,
-    initialised one layer at a time as the conversion quantizes it, so it never exists whole in fp32),
-    with activation checkpointing, and in ReLoRA form when `relora` is given."""
-    model = build_model(recipe.model, vocab_size=len(tokenizer), seq_len=recipe.data.seq_len,
-                        seed=recipe.training.seed, eos_id=tokenizer.eos_token_id,
-                        device=initial_device(recipe, len(tokenizer), device, relora is not None))
+def build_run_model(recipe: Recipe, tokenizer, device: torch.device, relora: ReLoRAPhase | None,
+                    resuming: bool = False) -> nn.Module:
+    """The model a run starts from, with activation checkpointing, in ReLoRA form when `relora` is given.
+
+    A fresh model is built where build_device_for says: on the accelerator when its fp32 weights take under half
+    the free memory; a bigger one that goes straight to ReLoRA on the meta device, initialised one layer at a
+    time as the conversion quantizes it, so it never exists whole in fp32. A model.init_from checkpoint is laid
+    out on the meta device and read one tensor at a time into that form (pretrained.py); a resumed run only
+    lays it out, as the checkpoint it resumes from fills every tensor."""
+    init_from = recipe.model.init_from
+    if init_from:
+        model = meta_model(init_from)
+        fill = None if resuming else fill_from(init_from, model, recipe.checkpoint.allow_pickle)
+        fp32 = 4 * sum(p.numel() for p in model.parameters())
+        home = device if relora is not None else build_device_for(fp32, free_memory(device), False, device)
+    else:
+        model = build_model(recipe.model, vocab_size=len(tokenizer), seq_len=recipe.data.seq_len,
+                            seed=recipe.training.seed, eos_id=tokenizer.eos_token_id,
+                            device=initial_device(recipe, len(tokenizer), device, relora is not None))
+        fill, home = None, device
     if recipe.training.activation_checkpointing:
         enable_activation_checkpointing(model)  # the switch turns it off if relora.activation_checkpointing is false
     if relora is not None:
-        relora.convert(model, device)
-    materialize(model, device)  # what a meta-device build has left: embeddings, norms, head
+        relora.convert(model, device, fill)
+    materialize(model, home, fill)  # what a meta-device build has left: embeddings, norms, head
     return model
 
 
 def initial_device(recipe: Recipe, vocab_size: int, device: torch.device, relora_from_start: bool) -> torch.device:
-    """Where the model is initialised (see build_device_for); a model loaded from model.init_from is read
-    into host memory. On the CPU too a model whose fp32 weights would not fit (a 7B model needs 25 GiB) is
-    built on the meta device when ReLoRA starts at step 0."""
-    if recipe.model.init_from:
-        return torch.device("cpu")
+    """Where a fresh model is initialised (see build_device_for). On the CPU too a model whose fp32 weights would
+    not fit (a 7B model needs 25 GiB) is built on the meta device when ReLoRA starts at step 0."""
     return build_device_for(fp32_model_bytes(recipe.model, vocab_size, recipe.data.seq_len), free_memory(device),
                             relora_from_start, device)
 

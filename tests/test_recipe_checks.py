@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import qrelora.memory.estimate
 import qrelora.memory.train_checks
@@ -33,12 +34,16 @@ def _train(tmp_path, capsys, *overrides, recipe=TINY) -> tuple[int, str]:
 
 
 def _hf_dir(path: Path, **config) -> Path:
-    """A model directory as far as the recipe checks read it: a LLaMA config.json (no weights needed)."""
+    """A model directory as far as the recipe checks read it: a LLaMA config.json and a weights file (whose
+    tensors the checks do not read)."""
+    from safetensors.torch import save_file
+
     path.mkdir()
     base = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300,
             "max_position_embeddings": 64, "tie_word_embeddings": False}
     (path / "config.json").write_text(json.dumps(base | config))
+    save_file({"lm_head.weight": torch.zeros(1)}, path / "model.safetensors")
     return path
 
 
@@ -151,7 +156,7 @@ def test_tokenizer_larger_than_the_init_from_vocabulary_is_refused(tmp_path, cap
                        "--data.seq_len=64")
     assert code == 2
     assert f"has {len(tokenizer)} entries, but the model in model.init_from" in err
-    assert f"--data.tokenizer={model}" in err and not (tmp_path / "run").exists()
+    assert "--data.tokenizer=init_from" in err and not (tmp_path / "run").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from .report import fix_for
 # --------------------------------------------------------------------------------------------------
 # The pre-flight check
 
+TOKENIZER_SHARE = 0.9  # the least share of an init_from model's embedding rows its tokenizer may fill
+
 
 def available_host_bytes() -> int:
     """Host memory a new run can use: psutil's "available" (free plus reclaimable page cache)."""
@@ -73,12 +75,14 @@ def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | N
     vocab, source = vocab_size_of(recipe)
     if recipe.model.init_from:
         tokens = len(load_tokenizer(recipe.data.tokenizer))
-        if tokens > vocab:
+        if tokens > vocab or tokens < TOKENIZER_SHARE * vocab:
+            why = (f"so token ids from {vocab:,} up would have none" if tokens > vocab else
+                   "so it is not the tokenizer the model was trained with (a model's embedding table is at most "
+                   "padded a little past its tokenizer), and its token ids would pick other tokens' embeddings")
             return (f"{recipe_path}: data.tokenizer = {recipe.data.tokenizer!r} has {tokens:,} entries, but the model "
                     f"in model.init_from = {recipe.model.init_from!r} has embeddings for {vocab:,} (vocab_size in its "
-                    f"config.json), so token ids from {vocab:,} up would have none. Use the tokenizer the model was "
-                    f"trained with (a directory written by qrelora export holds it: "
-                    f"--data.tokenizer={recipe.model.init_from}).")
+                    f"config.json), {why}. Use the tokenizer the model was trained with: the one saved with it, "
+                    "--data.tokenizer=init_from (a directory written by qrelora export holds one too).")
     on = device_type(recipe)
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: ranks on this machine share its RAM
     host_available = available_host_bytes()
