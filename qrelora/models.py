@@ -119,12 +119,11 @@ def llama_config(cfg: ModelConfig, vocab_size: int, seq_len: int, bos_id: int | 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, *, device: str | torch.device = "cpu",
                 seed: int = 0, eos_id: int | None = None) -> nn.Module:
-    """A fresh fp32 LlamaForCausalLM (or the one in cfg.init_from). device="meta" allocates nothing. Called
-    with labels, it computes the loss a chunk of tokens at a time (loss.use_chunked_loss)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    """A fresh fp32 LlamaForCausalLM of the recipe's shape (model.init_from: see pretrained.py). device="meta"
+    allocates nothing. Called with labels, it computes the loss a chunk of tokens at a time
+    (loss.use_chunked_loss)."""
+    from transformers import LlamaForCausalLM
 
-    if cfg.init_from:
-        return use_chunked_loss(AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32).to(device))
     config = llama_config(cfg, vocab_size, seq_len, eos_id=eos_id)
     torch.manual_seed(seed)
     with torch.device(device):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,16 +356,27 @@ class HostTensor:
 
     def __init__(self, value: Tensor, mmap_path: Path | None = None, dtype: torch.dtype = torch.float32):
         value = value.detach().to("cpu", dtype)
+        self._map: mmap.mmap | None = None
         if mmap_path is None:
             self.tensor = value.clone()
-        else:
-            # Written through the file, then mapped: writing into the mapping would keep every page of every
-            # master mapped into this process (resident) until the kernel needs the memory back.
-            mmap_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(mmap_path, "wb") as f:
-                f.write(value.contiguous().view(torch.uint8).numpy())  # the bytes as they are, no copy
-            self.tensor = torch.from_file(str(mmap_path), shared=True, size=value.numel(),
-                                          dtype=dtype).view(value.shape)
+            return
+        # Written through the file, then mapped: writing into the mapping would keep every page of every master
+        # mapped into this process (resident) until the kernel needs the memory back.
+        mmap_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(mmap_path, "w+b") as f:
+            f.write(value.contiguous().view(torch.uint8).numpy())  # the bytes as they are, no copy
+            f.flush()
+            self._map = mmap.mmap(f.fileno(), 0)  # shared: writes reach the file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about any buffer it cannot make read-only; this is writable
+            self.tensor = torch.frombuffer(self._map, dtype=dtype).view(value.shape)
+
+    def release_pages(self) -> None:
+        """Unmap from this process the pages of a memory-mapped tensor that a merge touched. They stay in the page
+        cache (dirty ones are written back to the file) and come back on the next touch; unmapped, they no longer
+        count as this process's resident memory, which would otherwise grow to the whole master (24 GiB for 7B)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 class MergeMode:
@@ -415,7 +427,9 @@ class ExactMerge(MergeMode):
         master = frozen.host.tensor
         master.add_(update.pop().to(master.device, torch.float32))  # freed before the master comes back
         frozen.store(frozen.codec.quantize(master.to(frozen.device)))
-        return master.norm().item()
+        norm = master.norm().item()
+        frozen.host.release_pages()
+        return norm
 
     def full_precision(self, frozen):
         return frozen.host.tensor.clone()

@@ -12,7 +12,7 @@ from .config import TABLE_CHOICES, ModelConfig, Recipe, RecipeError, parse_recip
 from .data import is_local
 from .models import model_dims
 from .optim import OPTIMIZERS, RESETS
-from .pretrained import PretrainedError, architecture_problem, read_config, weight_files
+from .pretrained import PretrainedError, architecture_problem, read_config
 from .quant import MERGE_MODES, STORAGE_FORMATS, storage_class
 from .schedule import JaggedCosine
 
@@ -51,15 +51,13 @@ def _resolve_tokenizer(r: Recipe) -> list[str]:
 
 
 def _init_from_problems(r: Recipe) -> list[str]:
-    """An init_from directory that holds no model qrelora can read: another architecture, weights missing or
-    only as pickles (pretrained.weight_files). Nothing but config.json and the shard index is read."""
+    """An init_from directory whose config.json is not a model qrelora trains. Only config.json is read: a
+    memory estimate needs nothing else (the weights are checked when training starts, preflight)."""
     m = r.model
     if not m.init_from or not Path(m.init_from).expanduser().is_dir():
         return []  # reported by validate
     try:
         problem = architecture_problem(read_config(m.init_from), m.init_from)
-        if problem is None:
-            weight_files(m.init_from, r.checkpoint.allow_pickle)
     except PretrainedError as e:
         problem = str(e)
     return [f"[model] init_from = {m.init_from!r}: {problem}"] if problem else []

@@ -268,6 +268,14 @@ def frozen_checksum(model: nn.Module, chunk: int = 1 << 24) -> Tensor:
     return total
 
 
+def release_host_pages(model: nn.Module) -> None:
+    """Unmap from this process the pages of memory-mapped masters that a checkpoint save or load touched (see
+    quant.HostTensor.release_pages)."""
+    for layer in adapter_layers(model):
+        if layer.base.host is not None:
+            layer.base.host.release_pages()
+
+
 def frozen_bytes(model: nn.Module) -> tuple[int, int]:
     """(accelerator-resident bytes of all frozen base weights, their number of parameters)."""
     layers = adapter_layers(model)

@@ -35,7 +35,7 @@ from .monitor import (MetricsFile, PlainLog, RunReport, Throughput, effective_ra
 from .optim import build_optimizer, carry_state, prune_adapter_moments, release_state
 from .pretrained import Fill, fill_from, meta_model
 from .relora import (add_adapters, adapter_layers, codec_for, frozen_checksum, merge_and_reinit, rank_probe_layers,
-                     target_linears, unquantized)
+                     release_host_pages, target_linears, unquantized)
 from .rundir import check_disk_for_run, check_writable, lock_run_dir, plan_run
 from .schedule import JaggedCosine
 from .seeding import derive_seed
@@ -322,11 +322,13 @@ class Run:
                                    self.optimizer.state_dict(), trainer_state, self.recipe,
                                    self.recipe.checkpoint.keep_last,
                                    relora_state=self.relora.state_dict() if self.relora.active else None)
+            release_host_pages(self.unwrapped)
         self.accelerator.wait_for_everyone()
         return path
 
     def _load(self, saved: checkpoint.SavedState, metrics_path: Path) -> None:
         checkpoint.restore(saved, self.resumed_from, self.unwrapped, self.optimizer)
+        release_host_pages(self.unwrapped)
         if self.relora.active:
             self.relora.load_state_dict(saved.relora)
         self.data.load_state_dict(saved.trainer["data"])

@@ -235,7 +235,8 @@ def test_out_of_memory_in_train_prints_the_estimate_and_a_fix(monkeypatch, tmp_p
 
 def test_init_from_a_model_directory_is_estimated_from_its_config(tmp_path):
     from qrelora.memory import vocab_size_of
-    from qrelora.models import build_model
+    from qrelora.models import build_model, materialize
+    from qrelora.pretrained import fill_from, meta_model
 
     recipe = load_recipe(TINY, SMALL)
     model = build_model(recipe.model, vocab_size=300, seq_len=32)
@@ -243,7 +244,8 @@ def test_init_from_a_model_directory_is_estimated_from_its_config(tmp_path):
     recipe = load_recipe(TINY, SMALL + [f"--model.init_from={tmp_path / 'hf'}"])
     assert vocab_size_of(recipe) == (300, str(tmp_path / "hf"))
     relora = Estimator(recipe, 300, GiB).estimate().phases[-1]
-    real = build_model(recipe.model, vocab_size=0, seq_len=32)  # loads the directory
+    real = meta_model(tmp_path / "hf")
+    materialize(real, "cpu", fill_from(tmp_path / "hf", real, allow_pickle=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         add_adapters(real, recipe.relora, recipe.quant, training_dtype=recipe.training.dtype)

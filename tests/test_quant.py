@@ -147,3 +147,18 @@ def test_mmap_master(tmp_path):
     assert torch.equal(on_disk, w + delta)
 
 
+def test_mmap_master_pages_are_not_kept_resident(tmp_path):
+    """Written through the file and released after each merge, a memory-mapped master does not become this
+    process's resident memory (for a 7B model it would grow to 24 GiB of file-backed pages)."""
+    def file_backed_mib():
+        line = next(l for l in open("/proc/self/status") if l.startswith("RssFile:"))
+        return int(line.split()[1]) / 1024
+
+    w = torch.randn(2048, 2048) * 0.02  # 16 MiB of fp32 master
+    before = file_backed_mib()
+    fw = FrozenWeight(w, CODECS["nf4"](), "exact", mmap_path=tmp_path / "layer.f32")
+    fw.merge(torch.randn_like(w) * 1e-3)
+    assert file_backed_mib() - before < 4
+    assert torch.equal(fw.full_precision(), fw.host.tensor)  # and still there to read
+
+

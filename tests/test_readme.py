@@ -14,6 +14,9 @@ later commands find what earlier ones wrote, e.g. runs/tiny/checkpoints/step_000
   then evaluated (`qrelora eval exported/`, as the README says).
 - `qrelora memory`: as written plus --json (fake tensors: no GPU needed), compared with README's memory
   table (test_every_readme_memory_command_matches_its_table).
+- `qrelora train ... --model.init_from=PATH`: needs the user's model and a CUDA GPU; checked at the recipe
+  level with a tiny checkpoint standing for PATH (the recipe validates, the pre-flight passes). Training such
+  checkpoints is tests/test_pretrained.py.
 - `torchrun ... recipes/1b3_24gb.toml`: needs two CUDA GPUs and the Hugging Face hub (C4, the t5-base
   tokenizer), neither of which the test machine has, so it is checked at the recipe level: torchrun's own
   argument parser accepts the command, and the qrelora command line and recipe it launches validate.
@@ -93,6 +96,29 @@ def _check_torchrun(argv: list[str]) -> None:
     load_recipe(args.recipe, overrides)
 
 
+def _check_user_model_command(args: list[str], tmp_path: Path) -> None:
+    """`qrelora train RECIPE --model.init_from=PATH --data.dataset=DIR`: a tiny checkpoint stands for PATH and a
+    text file for the data; the recipe validates and its weights pass the pre-flight."""
+    import sys
+
+    from qrelora.cli import _split_overrides
+    from qrelora.memory.train_checks import preflight
+    from qrelora.recipe import load_recipe
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_checkpoints import make_checkpoint
+
+    model = tmp_path / "user-model"
+    if not model.exists():
+        make_checkpoint(model, "gqa")
+    args = [a.replace("PATH", str(model)).replace("my_corpus/", "other.txt") for a in args]
+    overrides, rest = _split_overrides(args[1:])
+    overrides += ["--training.device=cpu", "--data.seq_len=64", "--relora.rank=8"]  # the stand-in is tiny
+    recipe = load_recipe(rest[0], overrides)
+    assert recipe.data.tokenizer == str(model)
+    assert preflight(recipe, rest[0], overrides) is None
+
+
 @pytest.mark.slow
 def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -109,6 +135,10 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
             args = qrelora_args(argv)
             if args[0] == "memory":
                 continue  # test_every_readme_memory_command_matches_its_table
+            if "PATH" in " ".join(args):  # a model of the user's: checked at the recipe level, see above
+                _check_user_model_command(args, tmp_path)
+                ran.append(" ".join(argv))
+                continue
             if args[0] == "train":
                 own_run = [f"--run.output_dir=runs/readme-{n}"] if any(a.startswith("--") and "." in a.split("=")[0]
                                                                       for a in args) else []
@@ -144,7 +174,7 @@ def test_every_readme_memory_command_matches_its_table(tmp_path, monkeypatch, ca
                 assert f"{c['micro_batch_size']} x {c['grad_accum']}" in text and f"{c['need'] / GiB:.2f} GiB" in text, c
         else:
             rows += _check_against_readme_table(args[1], json.loads(out))
-    assert rows == 2, "README's memory table has a row for each of the 24 GB recipes, each under a command"
+    assert rows == 3, "README's memory table has a row for each of the 24 GB recipes, each under a command"
 
 
 def _check_against_readme_table(recipe: str, estimate: dict) -> int:

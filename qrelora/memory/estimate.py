@@ -29,6 +29,7 @@ from ..device import build_device_for, device_type
 from ..loss import use_chunked_loss
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
 from ..optim import OPTIMIZERS, resolve_optimizer_name
+from ..pretrained import read_config
 from ..quant import MERGE_MODES, LayoutCodec
 from ..relora import ReLoRALinear, add_adapters, codec_for, rank_probe_indices, target_linears
 from .tracker import StorageTracker, bytes_by_role, register_all, roles_of
@@ -45,7 +46,8 @@ DEVICE_CATEGORIES = (
     "frozen weights", "adapters", "full-rank weights", "gradients", "optimizer states", "activations",
     "logits and loss", "optimizer step workspace", "merge workspace", "build workspace", "allocator reserve",
     "CUDA context")
-HOST_CATEGORIES = ("master copy", "residual", "rank-probe copies", "fp32 model while building")
+READING = "reading init_from"
+HOST_CATEGORIES = ("master copy", "residual", "rank-probe copies", "fp32 model while building", READING)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,6 +61,14 @@ def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: s
         return 0
     largest = max(layer.base.numel() for layer in layers)
     return int(MERGE_MODES[merge].workspace[device_type] * 4 * largest)
+
+
+def init_from_tensor_bytes(init_from: str, largest_numel: int) -> int:
+    """Host memory of reading a model.init_from checkpoint (pretrained.py): its largest tensor as stored (in
+    the dtype its config.json names) plus an fp32 copy of it, one tensor at a time."""
+    stored = {"float32": 4, "float16": 2, "bfloat16": 2}
+    config = read_config(init_from)
+    return largest_numel * (stored.get(config.get("dtype") or config.get("torch_dtype"), 4) + 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,6 +87,8 @@ class Simulation:
     trainable: list[Tensor]
     layers: list[ReLoRALinear]
     fp32_model_bytes: int
+    largest_tensor: int
+    """Values in the model's largest weight (embedding, head or a linear), before any conversion."""
 
 
 def _fake_model(recipe: Recipe, vocab_size: int, depth: int | None) -> nn.Module:
@@ -110,6 +122,7 @@ class Simulator:
             self.model = _fake_model(recipe, vocab_size, depth)
             self.depth = self.model.config.num_hidden_layers
             self.fp32_model_bytes = sum(p.numel() * 4 for p in self.model.parameters())
+            self.largest_tensor = max(p.numel() for p in self.model.parameters())
             if checkpointing:
                 enable_activation_checkpointing(self.model)
             self.layers = []
@@ -142,7 +155,7 @@ class Simulator:
                     del loss
             roles = roles_of(self.model)
         return Simulation(self.static, tracker.by_category("forward", roles), tracker.by_category("backward", roles),
-                          self.trainable, self.layers, self.fp32_model_bytes)
+                          self.trainable, self.layers, self.fp32_model_bytes, self.largest_tensor)
 
 
 @dataclass
@@ -395,10 +408,12 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
     # layer from the meta device (one fp32 layer at a time, quantized at once), or in host memory.
     host: dict[str, int] = {}
     if first:
-        if recipe.model.init_from:  # as train.initial_device: read whole into host memory
-            where = torch.device("cpu")
+        device = torch.device(device_type)
+        if recipe.model.init_from:  # as train.build_run_model: read one tensor at a time, quantized as read
+            where = torch.device("meta") if sim.layers else build_device_for(sim.fp32_model_bytes, budget, False, device)
+            host[READING] = init_from_tensor_bytes(recipe.model.init_from, sim.largest_tensor)
         else:
-            where = build_device_for(sim.fp32_model_bytes, budget, bool(sim.layers), torch.device(device_type))
+            where = build_device_for(sim.fp32_model_bytes, budget, bool(sim.layers), device)
         if where.type == device_type:
             candidates["build"] = {"full-rank weights": sim.fp32_model_bytes}
         elif where.type == "meta":

@@ -101,6 +101,7 @@ NOTES = {
     "residual": "bf16 rounding residual (error-feedback merges)",
     "rank-probe copies": "three layers' starting weights (effective-rank report)",
     "fp32 model while building": "the model is initialised in host memory, then quantized layer by layer",
+    "reading init_from": "the checkpoint's largest tensor as stored plus an fp32 copy (read one at a time)",
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from ..config import Recipe
 from ..data import load_tokenizer
 from ..device import check_device, device_type
+from ..pretrained import PretrainedError, weight_files
 from .estimate import Estimate, Estimator, GiB, vocab_size_of
 from .report import fix_for
 
@@ -53,7 +54,7 @@ def host_fix_for(host: dict[str, int]) -> str:
     if biggest == "residual":
         return "Merge with stochastic rounding, which keeps nothing in host memory (--quant.merge=stochastic)."
     if biggest == "fp32 model while building":
-        return ("The fp32 model is built whole in host memory because of the warm start or init_from; start "
+        return ("The fp32 model is built whole in host memory because of the warm start; start "
                 "ReLoRA at step 0 (--relora.warm_start_steps=0) so it is built layer by layer on the GPU, or "
                 "choose a smaller model.")
     return "Choose a smaller model, or free host memory."
@@ -65,7 +66,7 @@ def _size(n: float) -> str:
 
 def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | None:
     """What `qrelora train` checks after the recipe and before anything is built or written: that the
-    init_from model has an embedding for every token id of the tokenizer, and that the run's estimated peak
+    init_from checkpoint's weights are all there and its embeddings fit the tokenizer, and that the run's estimated peak
     fits this machine (host memory available now; on CUDA also the device's total memory). Returns the
     refusal as one paragraph (the estimate, what the machine has, what to change), or None.
 
@@ -74,6 +75,10 @@ def preflight(recipe: Recipe, recipe_path: str, overrides: list[str]) -> str | N
     check_device(recipe)  # a CUDA recipe on a machine without CUDA: RecipeError, exit 2
     vocab, source = vocab_size_of(recipe)
     if recipe.model.init_from:
+        try:  # the weights are all there and readable (shard index and file headers only)
+            weight_files(recipe.model.init_from, recipe.checkpoint.allow_pickle)
+        except PretrainedError as e:
+            return f"{recipe_path}: model.init_from = {recipe.model.init_from!r}: {e}"
         tokens = len(load_tokenizer(recipe.data.tokenizer))
         if tokens > vocab or tokens < TOKENIZER_SHARE * vocab:
             why = (f"so token ids from {vocab:,} up would have none" if tokens > vocab else
