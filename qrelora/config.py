@@ -136,6 +136,14 @@ class ReLoRAConfig:
     resets of qrelora.optim.RESETS)."""
     reset_ratio: float = 0.99
     """Share of moment entries zeroed by "magnitude" and "random"."""
+    init: Literal["zero", "residual"] = "zero"
+    """How each adapter starts, at the switch and after every merge: "zero" (A random, B zero: the layer starts
+    as its stored weight), or "residual" (the stored codes and s*B@A chosen together so that they sum to the
+    full-precision weight as nearly as rank r allows, LoftQ-style: the quantization error is paid back from the
+    first step). "residual" needs quant.merge = "exact" or "error_feedback", which keep that weight."""
+    init_iterations: int = 1
+    """"residual": alternations of quantizing the weight minus the low-rank part and fitting the low-rank part
+    (a randomized SVD) to what quantizing lost."""
     activation_checkpointing: bool = True
     """With training.activation_checkpointing on: keep it in the ReLoRA phase (true), or turn it off at the
     switch (false). The frozen weights have no gradients or optimizer states, so the ReLoRA phase often fits

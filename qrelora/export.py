@@ -86,7 +86,7 @@ def load_checkpoint_model(path: Path, data: str | None = None):
 def merged_linear(layer: ReLoRALinear, dtype: torch.dtype) -> nn.Linear:
     """A plain nn.Linear holding the layer's best full-precision base plus its adapter's update."""
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
-    linear.weight.copy_(layer.base.full_precision() + layer.delta().cpu())
+    linear.weight.copy_(layer.effective_weight())
     if layer.bias is not None:
         linear.bias.copy_(layer.bias)
     return linear

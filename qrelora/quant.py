@@ -412,6 +412,11 @@ class MergeMode:
         """The best full-precision value of the weight that the mode knows, in host memory."""
         return frozen.dequantize(torch.float32).cpu()
 
+    def keep_full_precision(self, frozen: FrozenWeight, w: Tensor) -> None:
+        """Make w (on the device) the full-precision weight the mode keeps, frozen's codes being already stored
+        (only the modes that keep one: keeps_full_precision)."""
+        raise NotImplementedError
+
 
 class ExactMerge(MergeMode):
     """An fp32 master in host memory takes every update; the device holds quantize(master)."""
@@ -434,6 +439,10 @@ class ExactMerge(MergeMode):
     def full_precision(self, frozen):
         return frozen.host.tensor.clone()
 
+    def keep_full_precision(self, frozen, w):
+        frozen.host.tensor.copy_(w)
+        frozen.host.release_pages()
+
 
 class ErrorFeedbackMerge(MergeMode):
     """Only the rounding residual is kept: bf16 holds it (below one quantization step) to ~3 significant
@@ -455,6 +464,9 @@ class ErrorFeedbackMerge(MergeMode):
 
     def full_precision(self, frozen):
         return frozen.dequantize(torch.float32).cpu() + frozen.host.tensor.float()
+
+    def keep_full_precision(self, frozen, w):
+        frozen.host.tensor.copy_(w - frozen.dequantize(torch.float32))
 
 
 class StochasticMerge(MergeMode):
@@ -577,6 +589,30 @@ class FrozenWeight(nn.Module):
         """The best full-precision value this weight knows: the master, stored + residual, or stored."""
         return self.mode.full_precision(self)
 
+    @torch.no_grad()
+    def split_off_low_rank(self, rank: int, iterations: int, seed: int) -> tuple[Tensor, Tensor]:
+        """Store codes Q and return a rank-r L = U @ V^T (as U, V, on the weight's device) chosen together so that
+        dequantize(Q) + L is close to the full-precision weight W (LoftQ, Li et al. 2023, arXiv 2310.08659): each
+        alternation quantizes W - L, then fits L to what that quantization lost by a randomized SVD. W - L becomes
+        the weight the merge mode keeps, so an adapter starting at L computes W, and a merge of the adapter adds
+        to it exactly what it learned since (see ReLoRALinear.reset_adapter)."""
+        if not self.mode.keeps_full_precision:
+            raise ValueError(f"a low-rank split needs the full-precision weight, which quant.merge = "
+                             f"{self.mode.name!r} does not keep")
+        w = self.full_precision().to(self.device)
+        low = None
+        for i in range(iterations):
+            packed = self.codec.quantize(w if low is None else w - low)
+            lost = w - self.codec.dequantize(packed, self.shape, torch.float32)
+            u, sigma, v = top_singular(lost, rank, derive_seed(seed, i, "low-rank split"))
+            del lost
+            u, v = u * sigma.sqrt(), v * sigma.sqrt()
+            low = u @ v.t()
+        self.store(packed)
+        self.mode.keep_full_precision(self, w.sub_(low))
+        return u, v
+
+
     # The host-side tensor travels in the state_dict under "host" so checkpoints restore it exactly.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -611,3 +647,13 @@ class FrozenWeight(nn.Module):
         for extra in ("host", "merges_done", "seed"):
             if prefix + extra in unexpected_keys:
                 unexpected_keys.remove(prefix + extra)
+
+
+def top_singular(m: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top `rank` singular triplets (U, S, V) of m by torch's randomized SVD (Halko et al. 2011), its random
+    projection drawn from `seed`: every data-parallel rank, and a resumed run, draws the same."""
+    devices = list(range(torch.cuda.device_count())) if m.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        u, s, v = torch.svd_lowrank(m, q=min(rank + 10, *m.shape), niter=2)
+    return u[:, :rank], s[:rank], v[:, :rank]

@@ -135,6 +135,11 @@ def validate(r: Recipe) -> list[str]:
                  f"{_shown(r, 'relora', 'restart_every')}, when ReLoRA starts at step 0; set it below "
                  f"{rl.restart_every} (e.g. --training.warmup_steps={rl.restart_every // 2})")
         need(0 <= rl.reset_ratio <= 1, "relora", "reset_ratio", "must be in [0, 1]")
+        need(rl.init_iterations >= 1, "relora", "init_iterations", "must be >= 1")
+        if rl.init == "residual":
+            need(q.merge in ("exact", "error_feedback"), "relora", "init",
+                 f'"residual" splits the low-rank part off the full-precision weight, which quant.merge = '
+                 f'{q.merge!r} does not keep; set --quant.merge=exact (or error_feedback), or --relora.init=zero')
         need(0 < rl.lr_ratio <= 10 and rl.lr_ratio * t.lr <= 1, "relora", "lr_ratio",
              f"must be in (0, 10] with lr_ratio * training.lr <= 1 (training.lr = {t.lr:g}); the paper's range "
              "is 1.5-2")

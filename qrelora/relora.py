@@ -29,10 +29,12 @@ class ReLoRALinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float, codec: Codec,
-                 merge: str = "exact", mmap_path: Path | None = None, seed: int = 0):
+                 merge: str = "exact", mmap_path: Path | None = None, seed: int = 0, init: str = "zero",
+                 init_iterations: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rank, self.scale = rank, alpha / rank
+        self.init, self.init_iterations = init, init_iterations
         device = linear.weight.device
         self.base = FrozenWeight(linear.weight.data, codec, merge, mmap_path=mmap_path, seed=seed)
         self.bias = nn.Parameter(linear.bias.data.float()) if linear.bias is not None else None
@@ -46,11 +48,23 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
-        """A fresh adapter, its A drawn from a generator seeded by the layer and the merges it has had: every
-        data-parallel rank draws the same A without sharing anything (the global random stream differs between
-        ranks as soon as one of them draws a number the others do not), and a resumed run draws the A the
-        uninterrupted run drew. Drawn on the CPU, so a CUDA and a CPU run draw the same values too."""
-        gen = torch.Generator().manual_seed(derive_seed(self.base.seed, self.base.merges_done, "adapter init"))
+        """A fresh adapter, its randomness seeded by the layer and the merges it has had: every data-parallel rank
+        draws the same without sharing anything (the global random stream differs between ranks as soon as one
+        of them draws a number the others do not), and a resumed run draws what the uninterrupted run drew.
+
+        "zero": A Kaiming-uniform (drawn on the CPU, so CUDA and CPU runs draw the same), B zero. "residual":
+        s * B @ A = L, the low-rank part split off the full-precision weight W together with the stored codes
+        (FrozenWeight.split_off_low_rank), which keeps W - L as its full-precision weight. The layer then starts
+        at W, and a merge folds s * B @ A into W - L: exactly W plus what the adapter learned since its start,
+        with nothing to remember but the weight the merge mode keeps anyway."""
+        seed = derive_seed(self.base.seed, self.base.merges_done, "adapter init")
+        if self.init == "residual":
+            u, v = self.base.split_off_low_rank(self.rank, self.init_iterations, seed)
+            root = math.sqrt(self.scale)
+            self.lora_B.copy_(u / root)
+            self.lora_A.copy_(v.t() / root)
+            return
+        gen = torch.Generator().manual_seed(seed)
         a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device="cpu")
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
         self.lora_A.copy_(a)
@@ -59,6 +73,12 @@ class ReLoRALinear(nn.Module):
     def delta(self) -> Tensor:
         """The adapter's current update s * B @ A (fp32)."""
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def effective_weight(self) -> Tensor:
+        """The weight the layer computes with in full precision, in host memory: the merge mode's full-precision
+        weight plus the adapter (what export writes, and what the rank probes follow)."""
+        return self.base.full_precision() + self.delta().cpu()
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):  # cast once for the frozen and the adapter GEMMs
@@ -180,7 +200,8 @@ def add_adapters(model: nn.Module, relora: ReLoRAConfig, quant: QuantConfig, *, 
             linear.to(device)
         mmap_path = (mmap_dir / f"{name}.f32") if (mmap_dir is not None and quant.master == "mmap") else None
         layer = ReLoRALinear(linear, relora.rank, relora.alpha, relora.dropout, codec, quant.merge,
-                             mmap_path=mmap_path, seed=derive_seed(seed, i, "adapter layer"))
+                             mmap_path=mmap_path, seed=derive_seed(seed, i, "adapter layer"), init=relora.init,
+                             init_iterations=relora.init_iterations)
         layer.keep_weight = checkpointed
         setattr(parent, child, layer)
         del linear

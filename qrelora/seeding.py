@@ -4,7 +4,8 @@ from __future__ import annotations
 
 # One stride per stream, each a prime larger than the count of values it indexes (layers, merges), so
 # that streams of different seeds and indices never collide in practice.
-STRIDES = {"adapter layer": 100_003, "stochastic rounding": 1_000_003, "adapter init": 1_000_033, "moment reset": 7919}
+STRIDES = {"adapter layer": 100_003, "stochastic rounding": 1_000_003, "adapter init": 1_000_033, "moment reset": 7919,
+           "low-rank split": 101}
 
 
 def derive_seed(seed: int, index: int, stream: str) -> int:

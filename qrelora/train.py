@@ -121,7 +121,7 @@ class ReLoRAPhase:
         self.active = True
         # A few layers' weights at the start of the ReLoRA phase: the rank of what the merges add to them is
         # the paper's central claim, reported at every merge. A resumed run takes them from its checkpoint.
-        self.rank_probes = {name: (layer, layer.base.full_precision())
+        self.rank_probes = {name: (layer, layer.effective_weight())
                             for name, layer in rank_probe_layers(model).items()}
 
     def state_dict(self) -> dict:
@@ -144,7 +144,7 @@ class ReLoRAPhase:
         t0 = time.perf_counter()
         zeroed = prune_adapter_moments(optimizer, self.adapter_params(model), self.cfg.reset, self.cfg.reset_ratio,
                                        gen)
-        ranks = {name: effective_rank(layer.base.full_precision() - start)
+        ranks = {name: effective_rank(layer.effective_weight() - start)
                  for name, (layer, start) in self.rank_probes.items()}
         return MergeEvent(merge_s=report.seconds, reset_s=time.perf_counter() - t0, update_ratio=report.update_ratio,
                           codes_changed=report.codes_changed, moments_zeroed=zeroed, effective_rank=ranks)

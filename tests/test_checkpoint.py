@@ -49,16 +49,18 @@ def interrupt_after(trainer, step):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_at", [15, 10])
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, stop_at):
-    """Stop mid-cycle (15: between merges, resume crosses two merges) or at the warm-start switch (10)."""
-    Trainer(recipe(tmp_path / "a"), PlainLog(io.StringIO())).run()
-    first = Trainer(recipe(tmp_path / "b"), PlainLog(io.StringIO()))
+@pytest.mark.parametrize("stop_at, init", [(15, "zero"), (10, "zero"), (15, "residual")])
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, stop_at, init):
+    """Stop mid-cycle (15: between merges, resume crosses two merges) or at the warm-start switch (10); with
+    adapters that start from the quantization residual, too."""
+    start = f"--relora.init={init}"
+    Trainer(recipe(tmp_path / "a", start), PlainLog(io.StringIO())).run()
+    first = Trainer(recipe(tmp_path / "b", start), PlainLog(io.StringIO()))
     interrupt_after(first, stop_at)
     with pytest.raises(TrainingInterrupted):
         first.run()
     assert (tmp_path / "b" / "checkpoints" / f"step_{stop_at:08d}").is_dir()
-    resumed = Trainer(recipe(tmp_path / "b"), PlainLog(io.StringIO()))
+    resumed = Trainer(recipe(tmp_path / "b", start), PlainLog(io.StringIO()))
     assert resumed.state.step == stop_at
     resumed.run()
     a, b = records(tmp_path / "a"), records(tmp_path / "b")

@@ -1,6 +1,8 @@
 """The adapter layer and whole-model merges."""
 
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from qrelora.models import enable_activation_checkpointing
 from qrelora.relora import ReLoRALinear, adapter_layers, add_adapters, frozen_bytes, merge_and_reinit
 
 VOCAB, SEQ = 256, 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(seed=0):
@@ -276,3 +279,42 @@ def test_merge_inside_an_autocast_region_after_training(bits):
         merge_and_reinit(model)
         after = model(input_ids=x).logits.float()
     assert ((after - before).norm() / before.norm()).item() < {4: 0.06, 16: 0.01}[bits]
+
+
+@pytest.mark.parametrize("merge", ["exact", "error_feedback"])
+def test_residual_start_computes_the_full_precision_weight_and_merges_exactly(merge):
+    """With relora.init = "residual" the stored codes plus s*B@A start near the full-precision weight W, nearer
+    than the codes alone, and after k merges the weight is W plus exactly the sum of what the adapter learned in
+    each cycle (s*B@A at the merge minus s*B0@A0 at the cycle's start)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 128)
+    w0 = linear.weight.detach().clone()
+    layer = ReLoRALinear(linear, rank=16, alpha=16, dropout=0.0, codec=FourBitCodec("nf4", 64, True), merge=merge,
+                         init="residual", init_iterations=3)
+    zero = ReLoRALinear(nn.Linear(256, 128), rank=16, alpha=16, dropout=0.0, codec=FourBitCodec("nf4", 64, True))
+    with torch.no_grad():
+        zero.base.store(zero.base.codec.quantize(w0))
+    computed = layer.base.dequantize() + layer.delta().detach()
+    assert (computed - w0).norm() < 0.9 * (zero.base.dequantize() - w0).norm()  # 0.78 measured
+    tolerance = 1e-6 if merge == "exact" else 1e-2  # error feedback keeps W - L in bf16
+    torch.testing.assert_close(layer.effective_weight(), w0, rtol=0, atol=tolerance * w0.abs().max().item())
+
+    expected = w0.clone()
+    for k in range(3):
+        start = layer.delta().detach()
+        with torch.no_grad():  # what a cycle of training would do to the adapter
+            layer.lora_A.add_(torch.randn_like(layer.lora_A) * 0.01)
+            layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.01)
+        expected += layer.delta().detach() - start
+        layer.merge_and_reinit()
+        assert layer.base.merges_done == k + 1
+        torch.testing.assert_close(layer.effective_weight(), expected, rtol=0, atol=tolerance * expected.abs().max().item())
+    assert layer.delta().detach().norm() > 0  # every restart starts from the residual again
+
+
+def test_residual_start_is_refused_where_the_merge_keeps_no_full_precision_weight():
+    from qrelora.config import RecipeError
+    from qrelora.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r'init = .residual.: "residual" splits the low-rank part off'):
+        load_recipe(ROOT / "recipes" / "tiny.toml", ["--relora.init=residual", "--quant.merge=naive"])

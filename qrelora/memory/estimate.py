@@ -128,7 +128,8 @@ class Simulator:
             self.layers = []
             if relora:
                 codec = LayoutCodec(codec_for(recipe.quant, recipe.training.dtype))
-                self.layers = add_adapters(self.model, recipe.relora, recipe.quant,
+                # Laid out as a zero start (the same tensors; a residual start's SVD would need data).
+                self.layers = add_adapters(self.model, dataclasses.replace(recipe.relora, init="zero"), recipe.quant,
                                            training_dtype=recipe.training.dtype, codec=codec)
             self.trainable = [p for p in self.model.parameters() if p.requires_grad]
             if recipe.training.grad_accum > 1:
