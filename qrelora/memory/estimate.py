@@ -54,13 +54,16 @@ HOST_CATEGORIES = ("master copy", "residual", "rank-probe copies", "fp32 model w
 # What no tensor of a forward / backward shows
 
 
-def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: str) -> int:
+def merge_workspace_bytes(layers: list[ReLoRALinear], merge: str, device_type: str, residual: bool = False) -> int:
     """Device temporaries of the merge moment (layers are merged one at a time, after the step's gradients
-    are freed): the fp32 update s*B@A, the master or dequantized target, the new codes next to the old."""
+    are freed): the fp32 update s*B@A, the master or dequantized target, the new codes next to the old; with
+    adapters that start from the residual (relora.init), the low-rank split's, whichever is more."""
     if not layers:
         return 0
     largest = max(layer.base.numel() for layer in layers)
-    return int(MERGE_MODES[merge].workspace[device_type] * 4 * largest)
+    mode = MERGE_MODES[merge]
+    units = max(mode.workspace[device_type], mode.split_workspace[device_type] if residual else 0.0)
+    return int(units * 4 * largest)
 
 
 def init_from_tensor_bytes(init_from: str, largest_numel: int) -> int:
@@ -402,7 +405,8 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
         "optimizer step": static | opt | workspaces,
     }
     if sim.layers:
-        workspaces["merge workspace"] = merge_workspace_bytes(sim.layers, recipe.quant.merge, device_type)
+        workspaces["merge workspace"] = merge_workspace_bytes(sim.layers, recipe.quant.merge, device_type,
+                                                              recipe.relora.init == "residual")
         candidates["merge"] = {k: v for k, v in static.items() if k != "gradients"} | opt | {
             "merge workspace": workspaces["merge workspace"]}
     # Building, where the trainer builds (train.build_device_for): whole in fp32 on the device, or layer by
@@ -419,8 +423,10 @@ def _phase(recipe: Recipe, name: str, sim: Simulation, optimizer: str, device_ty
             candidates["build"] = {"full-rank weights": sim.fp32_model_bytes}
         elif where.type == "meta":
             largest = max(layer.base.numel() for layer in sim.layers)
+            units = max(MERGE_MODES["exact"].workspace[device_type], MERGE_MODES[recipe.quant.merge].split_workspace[
+                device_type] if recipe.relora.init == "residual" else 0.0)
             candidates["build"] = {k: v for k, v in static.items() if k != "gradients"} | {
-                "build workspace": int(MERGE_MODES["exact"].workspace[device_type] * 4 * largest)}
+                "build workspace": int(units * 4 * largest)}
         else:
             host["fp32 model while building"] = sim.fp32_model_bytes
     for key in ("master copy", "residual"):
