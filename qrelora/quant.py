@@ -597,7 +597,8 @@ class FrozenWeight(nn.Module):
 
     @torch.no_grad()
     def split_off_low_rank(self, rank: int, iterations: int, seed: int) -> tuple[Tensor, Tensor]:
-        """Store codes Q and return a rank-r L = U @ V^T (as U, V, on the weight's device) chosen together so that
+        """Store codes Q and return a rank-r L = U @ V^T (as U, V, on the weight's device; V's columns orthonormal)
+        chosen together so that
         dequantize(Q) + L is close to the full-precision weight W (LoftQ, Li et al. 2023, arXiv 2310.08659): each
         alternation quantizes W - L, then fits L to what that quantization lost by a randomized SVD. W - L becomes
         the weight the merge mode keeps, so an adapter starting at L computes W, and a merge of the adapter adds
@@ -612,7 +613,7 @@ class FrozenWeight(nn.Module):
             lost = self.codec.dequantize(packed, self.shape, torch.float32).neg_().add_(w)
             u, sigma, v = top_singular(lost, rank, derive_seed(seed, i, "low-rank split"))
             del lost
-            u, v = u * sigma.sqrt(), v * sigma.sqrt()
+            u = u * sigma
             low = None
             low = u @ v.t()
         self.store(packed)

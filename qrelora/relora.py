@@ -17,6 +17,9 @@ from .models import fresh_init, is_activation_checkpointing
 from .quant import Codec, FrozenWeight, LayerMerge, make_codec
 from .seeding import derive_seed
 
+# The row norm of A under nn.init.kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)) has variance 1 / (3 in).
+KAIMING_ROW_NORM = 1 / math.sqrt(3)
+
 # The linears of a LLaMA block that carry adapters; embeddings, norms and the head stay full-rank.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,9 +63,11 @@ class ReLoRALinear(nn.Module):
         seed = derive_seed(self.base.seed, self.base.merges_done, "adapter init")
         if self.init == "residual":
             u, v = self.base.split_off_low_rank(self.rank, self.init_iterations, seed)
-            root = math.sqrt(self.scale)
-            self.lora_B.copy_(u / root)
-            self.lora_A.copy_(v.t() / root)
+            # A: the residual's top right singular vectors at the row norm of a Kaiming-uniform A (1/sqrt(3));
+            # B the rest, small as the residual is. The adapter then learns as one that starts at zero does
+            # (its gradients scale with A and B), only from the residual instead of from nothing.
+            self.lora_A.copy_(v.t() * KAIMING_ROW_NORM)
+            self.lora_B.copy_(u / (KAIMING_ROW_NORM * self.scale))
             return
         gen = torch.Generator().manual_seed(seed)
         a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype, device="cpu")

@@ -24,6 +24,11 @@ benchmarks/methods_<scale>.png.
 rate ratio, warm start, cycle length, re-warm-up, reset, alpha, which rates restart), next to full-rank AdamW.
 --merges trains NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges.
 
+--pretrained is the continued-pre-training benchmark: a model pre-trained here (full-rank, on every other work
+of the sample corpus, exported; cached under ~/.cache/qrelora/bench) continues on the other works, with
+ReLoRA from step 0 on each storage (16-bit, NF4, FP4, int8) and adapter start (relora.init zero and
+residual), next to full-rank AdamW: the eval loss before quantizing, at step 0 as stored, and at the end.
+
 The peers need `pip install peft galore-torch apollo-torch` (the `bench` extra); plotting needs matplotlib.
 """
 
@@ -121,6 +126,51 @@ def merge_counts(base) -> list[Method]:
              ("16-bit base", ["--quant.bits=16"])]
     return [Method(f"ReLoRA, {name}, {relora_steps // every} merges", [*o, f"--relora.restart_every={every}"])
             for every in merge_cycles(base) for name, o in bases]
+
+
+def continued(base) -> list[Method]:
+    """Continued pre-training of the pre-trained model: each storage with a zero and a residual start, next to
+    full-rank AdamW and the 16-bit base."""
+    k = f"--relora.init_iterations={base.relora.init_iterations}"
+    storages = [("NF4", ["--quant.bits=4", "--quant.type=nf4"]), ("FP4", ["--quant.bits=4", "--quant.type=fp4"]),
+                ("int8", ["--quant.bits=8"])]
+    return [Method("full-rank AdamW", ["--relora.enabled=false", "--optim.name=adamw"], second_seed=True),
+            Method("ReLoRA, 16-bit base", ["--quant.bits=16"], second_seed=True),
+            *(Method(f"ReLoRA, {name}, {init} start", [*o, f"--relora.init={init}", k],
+                     second_seed=name == "NF4")
+              for name, o in storages for init in ("zero", "residual"))]
+
+
+PRETRAIN_STEPS = 1200
+
+
+def pretrained_model(recipe_path: str, scale_overrides: list[str]) -> tuple[Path, Path]:
+    """(an exported model pre-trained full-rank on the even-numbered works of the sample corpus, a directory of the
+    odd-numbered works to continue on), made once and cached: PRETRAIN_STEPS steps of the recipe's model."""
+    import hashlib
+
+    from qrelora.data import cache_dir, sample_corpus
+
+    key = hashlib.sha256(json.dumps([recipe_path, scale_overrides, PRETRAIN_STEPS]).encode()).hexdigest()[:12]
+    home = cache_dir() / "bench" / f"pretrained-{key}"
+    model, rest = home / "model", home / "continue-on"
+    if (model / "config.json").is_file():
+        return model, rest
+    works = sample_corpus()
+    for part, chosen in (("pretrain-on", works[0::2]), ("continue-on", works[1::2])):
+        (home / part).mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(chosen):
+            (home / part / f"{i:02d}.txt").write_text(text, encoding="utf-8")
+    run = home / "run"
+    print(f"pre-training the benchmark's model ({PRETRAIN_STEPS} steps, once; cached in {home})", flush=True)
+    subprocess.run([sys.executable, "-m", "qrelora", "train", recipe_path, *scale_overrides, "--no-live",
+                    "--relora.enabled=false", f"--training.steps={PRETRAIN_STEPS}", "--training.eval_every=0",
+                    f"--data.dataset={home / 'pretrain-on'}", f"--run.output_dir={run}", "--checkpoint.resume=never"],
+                   check=True, stdout=subprocess.DEVNULL)
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    subprocess.run([sys.executable, "-m", "qrelora", "export", str(last), str(model), "--dtype", "fp32"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return model, rest
 
 
 # Scales: the recipe and the overrides every method gets.
@@ -229,10 +279,12 @@ def child(spec: dict) -> dict:
     finally:
         trainer.close()
     records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and "event" not in r]
+    unquantized = [r["eval_loss_unquantized"] for r in records if r.get("event") == "quantization_cost"]
     not_training = sum(r.get("eval_s", 0.0) for r in records if r.get("step", 0) > 0)
     tokens = result["steps"] * recipe.tokens_per_step
     return {"eval_loss": result["last_eval_loss"], "curve": evals, "wall_s": result["wall_s"],
+            "unquantized_loss": unquantized[0] if unquantized else None,
             "tokens_per_s": tokens / max(result["wall_s"] - not_training, 1e-9), "peak_bytes": peak,
             "state_bytes": state}
 
@@ -360,6 +412,8 @@ def main():
     mode.add_argument("--sweep", action="store_true", help="vary ReLoRA's levers one at a time instead")
     mode.add_argument("--merges", action="store_true",
                       help="NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges instead")
+    mode.add_argument("--pretrained", action="store_true",
+                      help="continued pre-training of a model pre-trained here: each storage, zero and residual starts")
     ap.add_argument("--only", nargs="*", help="run only the methods whose name contains one of these (the "
                     "ratios to full-rank need \"full-rank AdamW\" among them)")
     ap.add_argument("--one-seed", action="store_true", help="skip the second-seed runs")
@@ -383,6 +437,8 @@ def main():
     recipe_path, scale_overrides = SCALES[scale]
     recipe_path = str(ROOT / recipe_path)
     user = overrides
+    if args.pretrained:
+        return main_pretrained(args, scale, recipe_path, scale_overrides, user)
     # In a sweep or a merge count only the final loss counts: evaluate at the start and the end.
     finals_only = args.sweep or args.merges
     overrides = [*scale_overrides, *(["--training.eval_every=0"] if finals_only else []), *user]
@@ -449,6 +505,74 @@ def main():
     machine = (torch.cuda.get_device_name() if scale == "gpu" and torch.cuda.is_available() else
                f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     record(Path(args.results), heading, command, machine, body)
+
+
+# Continued pre-training: ReLoRA from step 0 in two cycles at a rate below the pre-training's, every method alike.
+CONTINUED = ["--relora.warm_start_steps=0", "--relora.restart_every=0.5", "--relora.lr_ratio=1",
+             "--training.warmup_steps=0.05", "--data.tokenizer=init_from"]
+CONTINUED_STEPS = {"default": ["--training.steps=200", "--training.lr=1e-3"],
+                   "quick": ["--training.steps=20", "--training.lr=1e-3"],
+                   "gpu": ["--training.steps=200", "--training.lr=3e-4"]}
+
+
+def main_pretrained(args, scale: str, recipe_path: str, scale_overrides: list[str], user: list[str]) -> None:
+    from qrelora.recipe import load_recipe
+
+    model, rest = pretrained_model(recipe_path, scale_overrides)
+    shape_free = [o for o in scale_overrides if not o.startswith("--model.")]  # the model is the pre-trained one
+    overrides = [*shape_free, *CONTINUED, *CONTINUED_STEPS[scale], f"--model.init_from={model}",
+                 f"--data.dataset={rest}", *user]
+    base = load_recipe(recipe_path, overrides)
+    todo = continued(base)
+    if args.only:
+        todo = [m for m in todo if any(o in m.name for o in args.only)]
+    rows, seeds, started = [], {}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in todo:
+            run_seeds = args.seeds or ((0, 1, 2) if m.second_seed and not args.one_seed else (0,))
+            losses = []
+            for seed in run_seeds:
+                r = run_one(m, seed, recipe_path, overrides, Path(tmp))
+                if "failed" in r:
+                    losses.append(r)
+                    break
+                losses.append(r)
+                print(f"{m.name:36s} seed {seed}  step 0 {r['curve'][0][1]:.4f}  end {r['eval_loss']:.4f}  "
+                      f"{r['process_s']:.0f} s", flush=True)
+            rows.append((m.name, losses))
+            seeds[m.name] = [r["eval_loss"] for r in losses if "failed" not in r]
+    total_min = (time.perf_counter() - started) / 60
+    ref = next((rs for name, rs in rows if name == "ReLoRA, 16-bit base"), None)
+    ref_loss = sum(r["eval_loss"] for r in ref) / len(ref) if ref and "failed" not in ref[0] else None
+    table = ["| method | eval loss, model as read | step 0, as stored | end (mean of seeds) | seeds | perplexity vs "
+             "16-bit base at the end |", "|---|---|---|---|---|---|"]
+    for name, results in rows:
+        if "failed" in results[-1]:
+            table.append(f"| {name} | failed: {results[-1]['failed'][:120]} | | | | |")
+            continue
+        first = results[0]
+        own = first["unquantized_loss"]
+        end = sum(r["eval_loss"] for r in results) / len(results)
+        vs = f"{math.exp(end - ref_loss) - 1:+.1%}" if ref_loss is not None else "-"
+        by_seed = " / ".join(f"{r['eval_loss']:.4f}" for r in results)
+        own_text = "" if own is None else f"{own:.4f}"
+        table.append(f"| {name} | {own_text} | {first['curve'][0][1]:.4f} | {end:.4f} | {by_seed} | {vs} |")
+    b, rl = base.training, base.relora
+    setting = (f"A {load_recipe(recipe_path, scale_overrides).model.preset}-shaped model pre-trained full-rank for "
+               f"{PRETRAIN_STEPS} steps on the even-numbered works of the sample corpus, continued on the odd-numbered "
+               f"ones: {b.steps} steps of {base.tokens_per_step:,} tokens at lr {b.lr:g}; ReLoRA from step 0, rank "
+               f"{rl.rank} (alpha {rl.alpha:g}), {b.steps // rl.restart_every} cycles, residual starts with "
+               f"{rl.init_iterations} alternation(s). Eval: {base.data.eval_tokens:,} held-out tokens of the continued-on "
+               f"works. The whole run took {total_min:.0f} min.")
+    spread, noise = spread_table(seeds)
+    body = [setting, "", *table, "", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "",
+            *spread]
+    print("\n".join(body))
+    heading = f"Continued pre-training ({scale})" + (f", {' '.join(user)}" if user else "") + \
+        (f", only {' / '.join(args.only)}" if args.only else "")
+    command = "python tools/bench_methods.py --pretrained" + {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + \
+        "".join(f" {o}" for o in user) + (" --only " + " ".join(repr(o) for o in args.only) if args.only else "")
+    record(Path(args.results), heading, command, f"CPU ({platform.machine()}, {os.cpu_count()} cores)", body)
 
 
 if __name__ == "__main__":
