@@ -42,7 +42,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "60m", "130m", "250m", "350m", "1b3", "7b", "custom"] = "tiny"
+    preset: Literal["tiny", "bench", "60m", "130m", "250m", "350m", "1b3", "7b", "custom"] = "tiny"
     """A shape from the ReLoRA paper, or "custom" with the four sizes below."""
     hidden_size: int = 0
     """Overrides the preset's hidden size when > 0."""
@@ -65,7 +65,8 @@ class DataConfig:
     text_field: str = "text"
     """Column holding the text in jsonl / parquet / hub data."""
     tokenizer: str = "sample"
-    """Hub tokenizer name, a local tokenizer directory, or "sample" (a BPE trained on the sample corpus)."""
+    """Hub tokenizer name, a local tokenizer directory, "sample" (a BPE of 8,192 entries trained on the sample
+    corpus) or "sample-N" (N entries, e.g. "sample-2048"), or "init_from" (model.init_from's own)."""
     seq_len: int = 256
     """Tokens per training sequence."""
     eval_tokens: int = 65536

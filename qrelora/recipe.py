@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from .config import TABLE_CHOICES, ModelConfig, Recipe, RecipeError, parse_recipe
-from .data import is_local
+from .data import is_local, sample_tokenizer_size
 from .models import model_dims
 from .optim import OPTIMIZERS, RESETS
 from .pretrained import PretrainedError, architecture_problem, read_config
@@ -99,6 +99,9 @@ def validate(r: Recipe) -> list[str]:
     need(d.eval_tokens >= d.seq_len, "data", "eval_tokens", f"must be at least one sequence (seq_len = {d.seq_len})")
     need(bool(d.dataset), "data", "dataset", 'must be "sample", a local path or a hub dataset name')
     need(bool(d.tokenizer), "data", "tokenizer", 'must be "sample", a local directory or a hub tokenizer name')
+    if d.tokenizer.startswith("sample-"):
+        need(sample_tokenizer_size(d.tokenizer) is not None, "data", "tokenizer",
+             '"sample-N" is the sample corpus\'s BPE with N entries, 256 < N <= 65536 (e.g. "sample-2048")')
     for key in ("dataset", "tokenizer"):
         value = getattr(d, key)
         if is_local(value):

@@ -22,11 +22,11 @@ from .local import LOCAL_FORMATS, is_local
 from .packing import PackedTokenData, StreamingTokenData, TokenData, eval_block_indices
 from .sample import SAMPLE_SDIST, SAMPLE_SDIST_SHA256, sample_corpus
 from .token_cache import token_stream
-from .tokenizer import SAMPLE_EOS, SAMPLE_VOCAB_SIZE, _train_sample_tokenizer, load_tokenizer
+from .tokenizer import SAMPLE_EOS, SAMPLE_VOCAB_SIZE, _train_sample_tokenizer, load_tokenizer, sample_tokenizer_size
 
 __all__ = ["DataError", "LOCAL_FORMATS", "PackedTokenData", "SAMPLE_EOS", "SAMPLE_SDIST", "SAMPLE_SDIST_SHA256",
            "SAMPLE_VOCAB_SIZE", "StreamingTokenData", "TokenData", "_train_sample_tokenizer", "build_data",
-           "cache_dir", "eval_block_indices", "is_local", "load_tokenizer", "sample_corpus"]
+           "cache_dir", "eval_block_indices", "is_local", "load_tokenizer", "sample_corpus", "sample_tokenizer_size"]
 
 
 def build_data(cfg: DataConfig, tokenizer, seed: int, eval_only: bool = False) -> TokenData:

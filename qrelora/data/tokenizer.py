@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,12 +38,24 @@ def _train_sample_tokenizer(texts: list[str], vocab_size: int):
                                    clean_up_tokenization_spaces=False)
 
 
-def _sample_tokenizer():
+def sample_tokenizer_size(spec: str) -> int | None:
+    """The vocabulary size a "sample" tokenizer spec asks for: "sample" (8,192 entries) or "sample-N" (N entries,
+    256 < N <= 65,536); None for any other spec."""
+    if spec == "sample":
+        return SAMPLE_VOCAB_SIZE
+    match = re.fullmatch(r"sample-(\d+)", spec)
+    if match and 256 < int(match.group(1)) <= 65536:
+        return int(match.group(1))
+    return None
+
+
+def _sample_tokenizer(vocab_size: int = SAMPLE_VOCAB_SIZE):
     from transformers import PreTrainedTokenizerFast  # heavy: only when a tokenizer is loaded
 
-    dest = cache_dir() / _SAMPLE_TOKENIZER_DIR
+    name = _SAMPLE_TOKENIZER_DIR if vocab_size == SAMPLE_VOCAB_SIZE else f"tokenizer-sample-{vocab_size}-v1"
+    dest = cache_dir() / name
     if not dest.is_dir():
-        tokenizer = _train_sample_tokenizer(sample_corpus(), SAMPLE_VOCAB_SIZE)
+        tokenizer = _train_sample_tokenizer(sample_corpus(), vocab_size)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".tokenizer-tmp-"))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published cache should be readable like any other
         try:
@@ -54,9 +67,10 @@ def _sample_tokenizer():
 
 
 def load_tokenizer(spec: str):
-    """"sample" (a BPE trained on the sample corpus), a local tokenizer directory, or a hub tokenizer name."""
-    if spec == "sample":
-        tokenizer = _sample_tokenizer()
+    """"sample" (a BPE of 8,192 entries trained on the sample corpus) or "sample-N" (N entries), a local tokenizer
+    directory, or a hub tokenizer name."""
+    if (size := sample_tokenizer_size(spec)) is not None:
+        tokenizer = _sample_tokenizer(size)
     else:
         from transformers import AutoTokenizer  # heavy: only when a tokenizer is loaded
 

@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import checkpoint
 from ..config import Recipe
-from ..data import load_tokenizer
+from ..data import load_tokenizer, sample_tokenizer_size
 from ..device import build_device_for, device_type
 from ..loss import use_chunked_loss
 from ..models import build_model, enable_activation_checkpointing, resolve_shape
@@ -463,7 +463,7 @@ def vocab_size_of(recipe: Recipe, given: int | None = None) -> tuple[int, str]:
 
         return AutoConfig.from_pretrained(recipe.model.init_from).vocab_size, recipe.model.init_from
     spec = recipe.data.tokenizer
-    if spec == "sample" or Path(spec).expanduser().is_dir():
+    if sample_tokenizer_size(spec) is not None or Path(spec).expanduser().is_dir():
         return len(load_tokenizer(spec)), spec
     try:
         from transformers import AutoTokenizer  # heavy (about a second): only for a hub tokenizer
