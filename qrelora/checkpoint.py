@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from . import config as cfgmod
 from .errors import BadInput
 from .files import apply_umask, fsync_dir, fsync_file, publish
+from .optim import group_settings
 from .quant import LayoutCodec
 from .relora import ReLoRALinear, codec_for, rank_probe_indices, rank_probe_layers, target_linears
 
@@ -237,8 +238,11 @@ def restore(saved: SavedState, path: Path, model: torch.nn.Module, optimizer: to
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({len(missing)} missing and {len(unexpected)} unexpected "
             f"tensors, e.g. {(missing + unexpected)[:3]}). Use the recipe that wrote it, or --checkpoint.resume=never.")
+    settings = group_settings(optimizer)
     try:
         optimizer.load_state_dict(saved.optimizer)
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
     except ValueError as e:  # torch's word for parameter groups that differ in number or size
         raise CheckpointError(
             f"checkpoint {path} holds optimizer state that does not fit this run's optimizer ({e}). It was written "

@@ -85,6 +85,10 @@ class TrainingConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """The cosine envelope ends at min_lr_ratio * lr."""
+    embedding_lr_ratio: float = 1.0
+    """Learning rate of the token embeddings, the LM head and the norms, the parameters no method makes low-rank,
+    as a multiple of the schedule of lr, in every phase and for every method (the attention and MLP matrices
+    train at 1x, their adapters at relora.lr_ratio)."""
     warmup_steps: int = 100
     """Linear warm-up from zero at the start of the run: steps, or a fraction of steps (e.g. 0.05)."""
     grad_clip: float = 1.0
@@ -121,10 +125,10 @@ class ReLoRAConfig:
     """Linear learning-rate re-warm-up after each restart, from the zero-rate step before the merge; 0: no jag
     (no zero step, no ramp)."""
     lr_ratio: float = 1.0
-    """The ReLoRA phase runs at lr_ratio times the schedule of training.lr (the paper uses 1.5-2x the
-    full-rank rate for the low-rank phase). The cosine envelope is the same one, and the rate never jumps at
-    the switch from the warm start: the adapters re-warm from zero over restart_warmup steps like at every
-    restart, the parameters that train in full ease from 1x to lr_ratio x over the same steps."""
+    """The adapters train at lr_ratio times the schedule of training.lr (the paper uses 1.5-2x the full-rank rate
+    for the low-rank phase). The cosine envelope is the same one, and the rate never jumps at the switch from
+    the warm start: the adapters re-warm from zero over restart_warmup steps like at every restart. The
+    parameters that train in full keep their own rate (training.embedding_lr_ratio)."""
     jagged: Literal["adapters", "all"] = "adapters"
     """Which parameters' learning rate restarts (drops to zero before each merge, re-warms after it): only
     the adapters', while embeddings, norms and head, which are never merged or reset, stay on the smooth

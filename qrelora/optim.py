@@ -105,25 +105,37 @@ def is_adapter(name: str) -> bool:
     return any(part in ("lora_A", "lora_B") for part in name.split("."))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (adapters, embeddings, head); never norms or biases. The adapters get a group of their
-    own, marked "adapters", because the ReLoRA phase gives them the jagged learning rate and the others a
-    smooth one (see schedule.JaggedCosine.full_rate)."""
-    decay, adapters, no_decay = [], [], []
+def param_groups(model: nn.Module, weight_decay: float, embedding_lr_ratio: float = 1.0) -> list[dict]:
+    """The model's trainable parameters by role, each group marked with it ("role") and with the multiple of the
+    run's learning rate it trains at ("lr_scale"): "blocks" (the attention and MLP matrices while they train in
+    full, 1x), "adapters" (their low-rank factors: the jagged rate, see schedule.JaggedCosine), "embeddings"
+    (token embeddings and LM head, one parameter when tied) and "norms" (norm weights and biases), both at
+    embedding_lr_ratio. Matrices decay (weight_decay); norms and biases never do."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings |= {id(p) for p in head.parameters()} if head is not None else set()
+    by_role: dict[str, list[Tensor]] = {"blocks": [], "adapters": [], "embeddings": [], "norms": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (adapters if is_adapter(name) else decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "adapters": False}]
-    if adapters:
-        groups.append({"params": adapters, "weight_decay": weight_decay, "adapters": True})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "adapters": False})
-    return groups
+            role = ("adapters" if is_adapter(name) else "norms" if p.ndim < 2 else
+                    "embeddings" if id(p) in embeddings else "blocks")
+            by_role[role].append(p)
+    scale = {"blocks": 1.0, "adapters": 1.0, "embeddings": embedding_lr_ratio, "norms": embedding_lr_ratio}
+    return [{"params": ps, "role": role, "lr_scale": scale[role], "weight_decay": 0.0 if role == "norms" else weight_decay}
+            for role, ps in by_role.items() if ps]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each group's role, rate multiple and weight decay: the run's own, put back after a checkpoint's optimizer
+    state is loaded (torch's load_state_dict takes them from the checkpoint)."""
+    return [{k: g[k] for k in ("role", "lr_scale", "weight_decay") if k in g} for g in optimizer.param_groups]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float, device_type: str,
+                    embedding_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     kind = OPTIMIZERS[resolve_optimizer_name(cfg, device_type)]
-    return kind.build(param_groups(model, cfg.weight_decay), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return kind.build(param_groups(model, cfg.weight_decay, embedding_lr_ratio), lr=lr, betas=tuple(cfg.betas),
+                      eps=cfg.eps)
 
 
 def release_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> int:

@@ -1,9 +1,10 @@
 """The jagged cosine learning-rate schedule of ReLoRA, as a pure function of the step.
 
-Two rates come out of it in the ReLoRA phase: the adapters' jagged one (`__call__`), which drops to zero
-before every merge and re-warms after it, and the rate of the parameters that train in full (embeddings,
-norms, head: `full_rate`). Those have no restarts, so by default they stay on the smooth envelope; with
-`jagged_all` they follow the adapters' jags, as in the reference code of Lialin et al. (2023).
+Two rates come out of it in the ReLoRA phase: the adapters' jagged one (`__call__`, at relora.lr_ratio times
+the envelope), which drops to zero before every merge and re-warms after it, and the rate of the parameters
+that train in full (embeddings, norms, head: `full_rate`). Those have no restarts, so by default they stay on
+the smooth envelope; with `jagged_all` they follow the adapters' jags, as in the reference code of Lialin et
+al. (2023). Each parameter group scales its rate by its own multiple (optim.param_groups).
 
 Being a function of the step alone, it needs no state of its own: a resumed run gets it back from the
 step counter (and, for a run that was extended, from the plan its checkpoint records).
@@ -111,16 +112,12 @@ class JaggedCosine:
 
     def full_rate(self, step: int) -> float:
         """Learning rate of optimizer step `step` for the parameters that train in full in the ReLoRA phase
-        (all of them before it). Without restarts of their own they stay on the envelope; at the switch from
-        a warm start their multiple of it eases linearly from 1 to relora_lr_ratio over restart_warmup steps,
-        so their rate never jumps either."""
-        if self.jagged_all or self.restart_every <= 0 or step < self.relora_start:
-            return self(step)
-        ratio = self.relora_lr_ratio
-        if self.relora_start > 0 and self.restart_warmup > 0:
-            ease = min(1.0, (step - self.relora_start + 1) / self.restart_warmup)
-            ratio = 1.0 + (ratio - 1.0) * ease
-        return self.envelope(step) * ratio
+        (embeddings, norms, head; all of them before it): the envelope in every phase, so their rate never
+        jumps at the switch (their own multiple of it, training.embedding_lr_ratio, is their parameter group's).
+        With jagged_all they drop and re-warm at every restart like the adapters, at 1x."""
+        if self.jagged_all and self.restart_every > 0 and step >= self.relora_start:
+            return self.envelope(step) * self.restart_ramp(step)
+        return self.envelope(step)
 
     def phase_ratio(self, step: int) -> float:
         """relora_lr_ratio in the ReLoRA phase, 1 in the full-rank warm start. After a warm start the first

@@ -344,7 +344,8 @@ class Run:
     def _prepare(self, model: nn.Module, old_optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = self.accelerator.prepare_model(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # fixed until the next prepare
-        self.optimizer = build_optimizer(self.recipe.optim, self.unwrapped, self.recipe.training.lr, self.device.type)
+        t = self.recipe.training
+        self.optimizer = build_optimizer(self.recipe.optim, self.unwrapped, t.lr, self.device.type, t.embedding_lr_ratio)
         if old_optimizer is not None:
             carry_state(old_optimizer, self.optimizer)
 
@@ -379,10 +380,12 @@ class Trainer(Run):
 
     def train_step(self, lr: float, full_lr: float | None = None) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches at learning rate `lr` for the adapters and
-        `full_lr` (default: lr) for the parameters that train in full; returns (mean loss, gradient norm)."""
+        `full_lr` (default: lr) for the parameters that train in full, each group at its own multiple of it
+        (optim.param_groups); returns (mean loss, gradient norm)."""
         t = self.recipe.training
         for group in self.optimizer.param_groups:
-            group["lr"] = lr if group.get("adapters") or full_lr is None else full_lr
+            rate = lr if group.get("role") == "adapters" or full_lr is None else full_lr
+            group["lr"] = rate * group.get("lr_scale", 1.0)
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         for i in range(t.grad_accum):

@@ -68,19 +68,27 @@ def test_optimizer_keeps_training_after_a_reset(name):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
-def test_adapters_get_a_parameter_group_of_their_own():
-    """The ReLoRA phase gives adapters (ours and peft's names) and the fully trained parameters different
-    learning rates, so they sit in different groups; norms and biases are never decayed."""
+def test_parameters_are_grouped_by_role_with_their_rate_multiple():
+    """Adapters (ours and peft's names), the block matrices, the embeddings with the LM head (one parameter when
+    tied) and the norms each get a group: the adapters' rate is jagged, the embeddings' and norms' is
+    training.embedding_lr_ratio times the run's; norms and biases are never decayed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from qrelora.optim import is_adapter, param_groups
 
     model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "norm": nn.LayerNorm(4)})
     model.lora_A = nn.Parameter(torch.zeros(2, 4))
     model.proj = nn.Linear(4, 4)
     model.proj.weight.requires_grad = False
-    groups = param_groups(model, 0.1)
-    assert [(g["adapters"], g["weight_decay"], len(g["params"])) for g in groups] == [
-        (False, 0.1, 1), (True, 0.1, 1), (False, 0.0, 3)]  # embedding; lora_A; norm weight and bias, proj bias
+    model.block = nn.Linear(4, 4, bias=False)
+    groups = param_groups(model, 0.1, embedding_lr_ratio=8.0)
+    assert [(g["role"], g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        ("blocks", 1.0, 0.1, 1), ("adapters", 1.0, 0.1, 1), ("embeddings", 8.0, 0.1, 1), ("norms", 8.0, 0.0, 3)]
     assert is_adapter("layers.0.q_proj.lora_B.default.weight") and not is_adapter("lm_head.weight")
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    roles = {g["role"]: len(g["params"]) for g in param_groups(tied, 0.0, 4.0)}
+    assert roles == {"blocks": 7, "embeddings": 1, "norms": 3}  # q k v o gate up down; the tied table once
 
 
 @pytest.mark.parametrize("shape", [(8, 1000), (64, 256)], ids=["short last block", "whole blocks"])

@@ -1,5 +1,6 @@
 """The scripts under tools/ run (the GPU measurement in its CPU dry-run mode)."""
 
+import math
 import subprocess
 import sys
 import tempfile
@@ -28,19 +29,39 @@ def test_methods_benchmark_runs_the_peers_packages(tmp_path):
     the memory each keeps: the low-rank methods' trainable state is below full-rank AdamW's."""
     results = tmp_path / "RESULTS.md"
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_methods.py"), "--quick", "--one-seed",
-                          "--only", "full-rank AdamW", "LoRA (ours)", "peft", "GaLore", "APOLLO",
-                          "--results", str(results)], capture_output=True, text=True, timeout=600)
+                          "--no-tune", "--no-cache", "--only", "full-rank AdamW", "LoRA (ours)", "peft", "GaLore",
+                          "APOLLO", "--results", str(results)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {cells[1].strip(): cells for cells in (l.split("|") for l in results.read_text().splitlines())
-            if len(cells) == 10 and cells[2].strip()[:1].isdigit()}
+            if len(cells) == 10 and cells[3].strip()[:1].isdigit()}
     assert set(rows) == {"full-rank AdamW", "LoRA (ours), 16-bit base", "LoRA (peft), 16-bit base", "GaLore",
                          "APOLLO"}
-    state = {name: float(cells[7].split()[0]) for name, cells in rows.items()}
+    state = {name: float(cells[8].split()[0]) for name, cells in rows.items()}
     for name in ("LoRA (ours), 16-bit base", "LoRA (peft), 16-bit base", "GaLore", "APOLLO"):
         assert state[name] < state["full-rank AdamW"], (name, state)
     # a partial run plots to its own file, leaving the full run's methods_quick.png alone
     assert [f.name for f in tmp_path.glob("methods_quick*.png")] == [
         "methods_quick_only_full_rank_adamw_lora_ours_peft_galore_apollo.png"]
+
+
+def test_each_method_is_tuned_until_its_best_rate_is_inside_the_grid():
+    """The grid starts at 0.5x, 1x and 2x and grows by factors of 2 toward the better end until the best rate has
+    a worse neighbour on each side; a failed run (diverged, or refused at that rate) counts as the worst."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_methods import Method, tune
+
+    def valley(best):
+        return lambda m, rate: {"eval_loss": abs(math.log2(rate / best))} if rate < 0.05 else {"failed": "diverged"}
+
+    m = Method("m")
+    assert tune(m, 1e-3, valley(1e-3)) == (1e-3, {5e-4: {"eval_loss": 1.0}, 1e-3: {"eval_loss": 0.0},
+                                                  2e-3: {"eval_loss": 1.0}})
+    rate, grid = tune(m, 1e-3, valley(8e-3))
+    assert rate == 8e-3 and sorted(grid) == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]
+    rate, grid = tune(m, 1e-3, valley(1.25e-4))
+    assert rate == 1.25e-4 and min(grid) == 6.25e-5
+    rate, grid = tune(m, 2e-2, valley(1.0))  # better and better upwards until the runs fail
+    assert rate == 4e-2 and "failed" in grid[8e-2]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from qrelora.recipe import load_recipe
 from qrelora.memory import Estimator
 from qrelora.monitor import PlainLog
 from qrelora.relora import adapter_layers
+import qrelora.models
 import qrelora.optim
 import qrelora.relora
 import qrelora.train
@@ -242,3 +243,46 @@ def test_warm_start_switch_frees_the_replaced_linears_paged_optimizer_state(tmp_
               if '"relora_start"' in line]
     assert switch[0]["paged_freed"] == sum(t.numel() * t.element_size() for t in replaced) > 0
     trainer.close()
+
+
+def test_embeddings_head_and_norms_train_at_their_multiple_in_every_phase(tmp_path):
+    """training.embedding_lr_ratio: the full-rank warm start trains the block matrices at the schedule's rate and
+    the embeddings, head and norms at the multiple; the ReLoRA phase (LoRA is the same run without restarts)
+    keeps the multiple for them on the smooth envelope, not relora.lr_ratio, while the adapters take the jagged
+    rate at relora.lr_ratio."""
+    recipe = load_recipe(ROOT / "recipes" / "tiny.toml", [f"--run.output_dir={tmp_path}", *SMALL, "--training.steps=8",
+                                                          "--training.warmup_steps=1", "--relora.warm_start_steps=4",
+                                                          "--relora.restart_every=4", "--relora.restart_warmup=2",
+                                                          "--relora.lr_ratio=3", "--training.embedding_lr_ratio=4"])
+    trainer = Trainer(recipe, PlainLog(io.StringIO()))
+    seen = []
+    while trainer.state.step < 8:
+        step = trainer.state.step
+        trainer.step()
+        rates = {g["role"]: g["lr"] for g in trainer.optimizer.param_groups}
+        seen.append(sorted(rates))
+        s = trainer.schedule
+        if step < 4:
+            assert rates["blocks"] == pytest.approx(s(step)) and rates["embeddings"] == pytest.approx(4 * s(step))
+        else:
+            assert rates["adapters"] == pytest.approx(s(step))
+            assert rates["adapters"] == pytest.approx(3 * s.envelope(step) * s.restart_ramp(step))
+            assert rates["embeddings"] == pytest.approx(4 * s.envelope(step)) and rates["embeddings"] > 0
+        assert rates["norms"] == rates["embeddings"]
+    assert seen[0] == ["blocks", "embeddings", "norms"] and seen[-1] == ["adapters", "embeddings", "norms"]
+    trainer.close()
+
+
+def test_the_peers_regular_group_takes_the_same_multiple(tmp_path):
+    """GaLore's and APOLLO's parameters they do not project (embeddings, head, norms) train at the same multiple
+    as every other method's (tools/bench_methods.py builds their groups)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_methods import peer_groups
+
+    model = qrelora.models.build_model(load_recipe(ROOT / "recipes" / "tiny.toml", SMALL).model, 64, 16)
+    rest, projected = peer_groups(model, rank=4, embedding_lr_ratio=6.0)
+    assert rest["lr_scale"] == 6.0 and projected["lr_scale"] == 1.0 and projected["rank"] == 4
+    assert len(projected["params"]) == 7 * 2 and {p.ndim for p in projected["params"]} == {2}
+    assert sum(p.numel() for g in (rest, projected) for p in g["params"]) == sum(p.numel() for p in model.parameters())

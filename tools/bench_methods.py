@@ -1,33 +1,42 @@
-"""Methods benchmark: ReLoRA against the methods a user would pick instead, at one token budget and seed.
+"""Methods benchmark: ReLoRA against the methods a user would pick instead, each at its best learning rate.
 
-    python tools/bench_methods.py [--quick | --gpu] [--only NAME ...] [--sweep] [--section.key=value ...]
+    python tools/bench_methods.py [--quick | --tiny | --gpu] [--sweep | --merges | --embedding] [--only NAME ...]
+                                  [--no-tune] [--one-seed] [--section.key=value ...]
 
-Every method trains the same model on the same data order, token budget, seed and held-out set, starting
-from recipes/tiny.toml (CPU) or the 60M preset (--gpu), each in its own process, one at a time:
+Every method trains the same model on the same data order, token budget and held-out set, each run in its own
+process, one at a time. The default model is the bench preset (recipes/tiny.toml twice as deep) with a 2,048-entry
+BPE of the sample corpus, so that 86% of its parameters sit in the decoder blocks as in the 1.3B model (about
+90%); --tiny is the earlier benchmark's model (57% in the embeddings and head), --gpu the 60M preset on CUDA.
 
 - full-rank AdamW (torch) and full-rank 8-bit AdamW (bitsandbytes);
 - LoRA after the same full-rank warm start, no restarts: ours, and peft's (PyPI `peft`, its own layers);
-- ReLoRA on a 16-bit base, on an NF4 base with each merge (exact, error_feedback, stochastic, naive), and
-  on an int8 base (exact);
+- ReLoRA on a 16-bit base, on an NF4 base with each merge (exact, error_feedback, stochastic, naive) and with
+  adapters that start from the quantization residual, and on an int8 base (exact);
 - GaLore (PyPI `galore-torch`, GaLoreAdamW) and APOLLO (PyPI `apollo-torch`, APOLLOAdamW): full-parameter
   training with low-rank optimizer states, with their papers' 60M settings scaled to the model: rank
-  hidden/4, GaLore's update scale 0.25, and 10x the full-rank learning rate (their 0.01 against 0.001).
+  hidden/4, GaLore's update scale 0.25.
 
-Full-rank, our LoRA and ReLoRA NF4 exact run again with a second seed: the difference between the two seeds
-is the noise a comparison must beat. For each method: final eval loss and perplexity, perplexity and
-tokens/s relative to full-rank AdamW, peak memory (CUDA: peak allocated; CPU: the memory tool's tracker of
-live tensors over two training steps after the run), trainable state (parameters that get gradients plus
-optimizer states) and wall time. Writes a table to benchmarks/RESULTS.md and the eval-loss curves to
-benchmarks/methods_<scale>.png.
+One rule for the parameters no method makes low-rank: the embeddings, the LM head and the norms train at
+training.embedding_lr_ratio times the method's rate in every method (GaLore's and APOLLO's un-projected group
+too). Full-rank AdamW and 8-bit AdamW, our LoRA, ReLoRA NF4 exact, GaLore and APOLLO are tuned: each trains at
+0.5x, 1x and 2x a starting rate (the recipe's, or 10x it for GaLore and APOLLO as in their papers), extended by
+factors of 2 while the best is at an end of the grid; the other rows train at their family's best rate. Full-rank
+AdamW, our LoRA, ReLoRA NF4 exact (with either start) and GaLore then run two more seeds: the spread is the noise
+a difference must beat. For each method: eval loss, perplexity and tokens/s relative to full-rank AdamW, peak
+memory (CUDA: peak allocated; CPU: the memory tool's tracker of live tensors over two training steps after the run)
+and trainable state (parameters that get gradients plus optimizer states). Writes the tables to
+benchmarks/RESULTS.md and the eval-loss curves to benchmarks/methods_<scale>.png. Every run's result is kept in a
+run cache (~/.cache/qrelora/bench/runs, keyed by its settings and the package's sources), so a benchmark that
+stops picks up where it was; --no-cache trains everything again.
 
---sweep instead trains ReLoRA NF4 exact with one lever changed at a time from the recipe's settings (learning
-rate ratio, warm start, cycle length, re-warm-up, reset, alpha, which rates restart), next to full-rank AdamW.
---merges trains NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges.
+--sweep trains ReLoRA NF4 exact with one lever changed at a time from the recipe's settings (learning rate ratio,
+warm start, cycle length, re-warm-up, reset, alpha, which rates restart, the embeddings' rate), next to full-rank
+AdamW and LoRA. --merges trains NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges.
+--embedding trains full-rank AdamW with the embeddings, head and norms at 1x to 30x, then the multiple on each of
+them alone and the embeddings and head at different multiples.
 
---pretrained is the continued-pre-training benchmark: a model pre-trained here (full-rank, on every other work
-of the sample corpus, exported; cached under ~/.cache/qrelora/bench) continues on the other works, with
-ReLoRA from step 0 on each storage (16-bit, NF4, FP4, int8) and adapter start (relora.init zero and
-residual), next to full-rank AdamW: the eval loss before quantizing, at step 0 as stored, and at the end.
+tools/bench_continued.py is the continued-pre-training benchmark (a model pre-trained here, continued on other
+text with each storage and adapter start).
 
 The peers need `pip install peft galore-torch apollo-torch` (the `bench` extra); plotting needs matplotlib.
 """
@@ -59,30 +68,59 @@ class Method:
     overrides: list[str] = field(default_factory=list)
     peer: str | None = None
     """None: the trainer as it is; "peft", "galore", "apollo": the peer's package does the low-rank part."""
-    second_seed: bool = False
+    seeds: int = 1
+    """Seeds at the method's rate in the full benchmark (their spread is the noise a difference must beat)."""
+    tune: float | None = None
+    """Tuned: its learning-rate grid starts at 0.5x, 1x and 2x this multiple of the recipe's training.lr and
+    grows by factors of 2 until the best rate is inside it."""
+    family: str | None = None
+    """Not tuned itself: it trains at the best rate of the method of this name."""
+    role_scales: dict[str, float] | None = None
+    """Rate multiples by role ("embeddings", "head", "norms"; 1 for any not named) instead of the recipe's
+    training.embedding_lr_ratio (the embedding-rate study)."""
 
 
 def methods(base) -> list[Method]:
-    """The methods, as overrides of the recipe `base`."""
+    """The methods, as overrides of the recipe `base`: the tuned ones first, then those that take a tuned
+    method's rate (the other ReLoRA storages and merges take ReLoRA NF4 exact's, peft's LoRA takes ours)."""
     full = ["--relora.enabled=false"]
     lora_cycle = f"--relora.restart_every={base.training.steps - base.relora.warm_start_steps}"  # one cycle
-    # GaLore's and APOLLO's papers train their 60M model at 10x the learning rate of the full-rank AdamW
-    # baseline (0.01 against 0.001), GaLore with its update scaled by 0.25.
-    peer_lr = f"--training.lr={10 * base.training.lr:g}"
+    nf4 = "ReLoRA, NF4 exact"
     return [
-        Method("full-rank AdamW", [*full, "--optim.name=adamw"], second_seed=True),
-        Method("full-rank 8-bit AdamW", [*full, "--optim.name=adamw8bit"]),
-        Method("LoRA (ours), 16-bit base", ["--quant.bits=16", lora_cycle], second_seed=True),
-        Method("LoRA (peft), 16-bit base", ["--quant.bits=16", lora_cycle], peer="peft"),
-        Method("ReLoRA, 16-bit base", ["--quant.bits=16"]),
-        Method("ReLoRA, NF4 exact", ["--quant.bits=4", "--quant.merge=exact"], second_seed=True),
-        Method("ReLoRA, NF4 error_feedback", ["--quant.bits=4", "--quant.merge=error_feedback"]),
-        Method("ReLoRA, NF4 stochastic", ["--quant.bits=4", "--quant.merge=stochastic"]),
-        Method("ReLoRA, NF4 naive", ["--quant.bits=4", "--quant.merge=naive"]),
-        Method("ReLoRA, int8 exact", ["--quant.bits=8", "--quant.merge=exact"]),
-        Method("GaLore", [*full, peer_lr], peer="galore"),
-        Method("APOLLO", [*full, peer_lr], peer="apollo"),
+        Method("full-rank AdamW", [*full, "--optim.name=adamw"], seeds=3, tune=1.0),
+        Method("full-rank 8-bit AdamW", [*full, "--optim.name=adamw8bit"], tune=1.0),
+        Method("LoRA (ours), 16-bit base", ["--quant.bits=16", lora_cycle], seeds=3, tune=1.0),
+        Method(nf4, ["--quant.bits=4", "--quant.merge=exact"], seeds=3, tune=1.0),
+        # GaLore's and APOLLO's papers train their 60M model at 10x the learning rate of the full-rank AdamW
+        # baseline (0.01 against 0.001), GaLore with its update scaled by 0.25: their grids start there.
+        Method("GaLore", full, peer="galore", seeds=3, tune=10.0),
+        Method("APOLLO", full, peer="apollo", tune=10.0),
+        Method("LoRA (peft), 16-bit base", ["--quant.bits=16", lora_cycle], peer="peft",
+               family="LoRA (ours), 16-bit base"),
+        Method("ReLoRA, 16-bit base", ["--quant.bits=16"], family=nf4),
+        Method("ReLoRA, NF4 exact, residual start", ["--quant.bits=4", "--quant.merge=exact", "--relora.init=residual",
+                                                      "--relora.init_iterations=3"], seeds=3, family=nf4),
+        Method("ReLoRA, NF4 error_feedback", ["--quant.bits=4", "--quant.merge=error_feedback"], family=nf4),
+        Method("ReLoRA, NF4 stochastic", ["--quant.bits=4", "--quant.merge=stochastic"], family=nf4),
+        Method("ReLoRA, NF4 naive", ["--quant.bits=4", "--quant.merge=naive"], family=nf4),
+        Method("ReLoRA, int8 exact", ["--quant.bits=8", "--quant.merge=exact"], family=nf4),
     ]
+
+
+def embedding_rates(base) -> list[Method]:
+    """Full-rank AdamW at the recipe's rate with the embeddings, head and norms at several multiples of it
+    (training.embedding_lr_ratio), then the multiple on one of them at a time and the embeddings and head at
+    different multiples (the child's role_scales), to find which carries the effect."""
+    full = ["--relora.enabled=false", "--optim.name=adamw"]
+    r = base.training.embedding_lr_ratio
+    rows = [Method(f"embeddings, head and norms at {x:g}x", [*full, f"--training.embedding_lr_ratio={x:g}"])
+            for x in (1, 3, 10, 30)]
+    split = {"only the embeddings": {"embeddings": r}, "only the head": {"head": r}, "only the norms": {"norms": r},
+             f"embeddings {r:g}x, head {r / 3:.3g}x, norms {r:g}x": {"embeddings": r, "head": r / 3, "norms": r},
+             f"embeddings {r / 3:.3g}x, head {r:g}x, norms {r:g}x": {"embeddings": r / 3, "head": r, "norms": r},
+             f"embeddings {3 * r:g}x, head {r:g}x, norms {r:g}x": {"embeddings": 3 * r, "head": r, "norms": r},
+             f"embeddings {r:g}x, head {3 * r:g}x, norms {r:g}x": {"embeddings": r, "head": 3 * r, "norms": r}}
+    return rows + [Method(name, full, role_scales=scales) for name, scales in split.items()]
 
 
 def sweep(base) -> list[Method]:
@@ -101,6 +139,8 @@ def sweep(base) -> list[Method]:
         "--relora.reset_ratio=0.9",
         f"--relora.alpha={2 * rl.alpha:g}",
         "--relora.jagged=all",
+        *(f"--training.embedding_lr_ratio={v:.3g}" for v in (base.training.embedding_lr_ratio / 2,
+                                                             base.training.embedding_lr_ratio * 2)),
     ]
     nf4 = ["--quant.bits=4", "--quant.merge=exact"]
     relora_steps = steps - rl.warm_start_steps
@@ -128,74 +168,18 @@ def merge_counts(base) -> list[Method]:
             for every in merge_cycles(base) for name, o in bases]
 
 
-def continued(base) -> list[Method]:
-    """Continued pre-training of the pre-trained model: each storage with a zero and a residual start, next to
-    full-rank AdamW and the 16-bit base."""
-    k = f"--relora.init_iterations={base.relora.init_iterations}"
-    storages = [("NF4", ["--quant.bits=4", "--quant.type=nf4"]), ("FP4", ["--quant.bits=4", "--quant.type=fp4"]),
-                ("int8", ["--quant.bits=8"])]
-    return [Method("full-rank AdamW", ["--relora.enabled=false", "--optim.name=adamw"], second_seed=True),
-            Method("ReLoRA, 16-bit base", ["--quant.bits=16"], second_seed=True),
-            *(Method(f"ReLoRA, {name}, {init} start", [*o, f"--relora.init={init}", k],
-                     second_seed=name == "NF4")
-              for name, o in storages for init in ("zero", "residual"))]
-
-
-def start_grid(base) -> list[Method]:
-    """Only the step-0 cost of storing the model, for each setting a residual start can vary (alternations, rank),
-    the storage's own block size, and FP4 and int8."""
-    nf4 = ["--quant.bits=4", "--quant.type=nf4"]
-    rank = base.relora.rank
-    return [Method("NF4, zero start", [*nf4, "--relora.init=zero"]),
-            *(Method(f"NF4, residual start, {k} alternation(s)", [*nf4, "--relora.init=residual",
-                                                                   f"--relora.init_iterations={k}"]) for k in (1, 3, 5)),
-            *(Method(f"NF4, residual start, rank {r}", [*nf4, "--relora.init=residual", "--relora.init_iterations=3",
-                                                         f"--relora.rank={r}"]) for r in (2 * rank, 4 * rank)),
-            *(Method(f"NF4 blocksize {b}, zero start", [*nf4, f"--quant.blocksize={b}"]) for b in (32, 128)),
-            Method("FP4, zero start", ["--quant.bits=4", "--quant.type=fp4"]),
-            Method("FP4, residual start, 3 alternations", ["--quant.bits=4", "--quant.type=fp4",
-                                                           "--relora.init=residual", "--relora.init_iterations=3"]),
-            Method("int8, zero start", ["--quant.bits=8"]),
-            Method("int8, residual start, 3 alternations", ["--quant.bits=8", "--relora.init=residual",
-                                                            "--relora.init_iterations=3"])]
-
-
-PRETRAIN_STEPS = 3600
-
-
-def pretrained_model(recipe_path: str, scale_overrides: list[str]) -> tuple[Path, Path]:
-    """(an exported model pre-trained full-rank on the even-numbered works of the sample corpus, a directory of the
-    odd-numbered works to continue on), made once and cached: PRETRAIN_STEPS steps of the recipe's model (about
-    ten passes over its works: at 1,200 steps 4-bit storage cost nothing measurable at step 0)."""
-    import hashlib
-
-    from qrelora.data import cache_dir, sample_corpus
-
-    key = hashlib.sha256(json.dumps([recipe_path, scale_overrides, PRETRAIN_STEPS]).encode()).hexdigest()[:12]
-    home = cache_dir() / "bench" / f"pretrained-{key}"
-    model, rest = home / "model", home / "continue-on"
-    if (model / "config.json").is_file():
-        return model, rest
-    works = sample_corpus()
-    for part, chosen in (("pretrain-on", works[0::2]), ("continue-on", works[1::2])):
-        (home / part).mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(chosen):
-            (home / part / f"{i:02d}.txt").write_text(text, encoding="utf-8")
-    run = home / "run"
-    print(f"pre-training the benchmark's model ({PRETRAIN_STEPS} steps, once; cached in {home})", flush=True)
-    subprocess.run([sys.executable, "-m", "qrelora", "train", recipe_path, *scale_overrides, "--no-live",
-                    "--relora.enabled=false", f"--training.steps={PRETRAIN_STEPS}", "--training.eval_every=0",
-                    f"--data.dataset={home / 'pretrain-on'}", f"--run.output_dir={run}", "--checkpoint.resume=never"],
-                   check=True, stdout=subprocess.DEVNULL)
-    last = sorted((run / "checkpoints").glob("step_*"))[-1]
-    subprocess.run([sys.executable, "-m", "qrelora", "export", str(last), str(model), "--dtype", "fp32"], check=True,
-                   stdout=subprocess.DEVNULL)
-    return model, rest
-
+STEPS = 900
 
 # Scales: the recipe and the overrides every method gets.
 SCALES = {
-    "default": ("recipes/tiny.toml", ["--training.steps=300", "--training.eval_every=50", "--training.log_every=50"]),
+    # The bench preset (tiny twice as deep) with a 2,048-entry BPE: 86% of the parameters in the blocks, as in the
+    # 1.3B model. STEPS steps: about 7 minutes for full-rank AdamW (4.1-4.8k tokens/s) and 9 for ReLoRA NF4 (3.4k
+    # tokens/s after the warm start) on the 2-core CPU, within the 10 minutes a run may take.
+    "default": ("recipes/tiny.toml", ["--model.preset=bench", "--data.tokenizer=sample-2048", f"--training.steps={STEPS}",
+                                      f"--training.eval_every={STEPS // 6}", f"--training.log_every={STEPS // 6}"]),
+    # The earlier default: the tiny preset with the 8,192-entry sample tokenizer (57% of its parameters in the
+    # embeddings and head), 300 steps.
+    "tiny": ("recipes/tiny.toml", ["--training.steps=300", "--training.eval_every=50", "--training.log_every=50"]),
     "quick": ("recipes/tiny.toml", ["--training.steps=30", "--training.micro_batch_size=4", "--data.seq_len=64",
                                     "--data.eval_tokens=4096", "--model.hidden_size=64", "--model.num_layers=2",
                                     "--model.num_heads=2", "--model.mlp_size=192",
@@ -213,16 +197,18 @@ SCALES = {
 # One method in one process
 
 
-def peer_groups(model, rank: int) -> list[dict]:
+def peer_groups(model, rank: int, embedding_lr_ratio: float) -> list[dict]:
     """Param groups for GaLore / APOLLO: the attention and MLP matrices get the low-rank projection, the rest
-    (embeddings, norms, head) plain Adam, as in both papers' code."""
+    (embeddings, norms, head) plain Adam, as in both papers' code, at training.embedding_lr_ratio times the rate
+    like every other method's (the trainer sets each group's rate from its lr_scale)."""
     from qrelora.relora import TARGET_MODULES
 
     projected, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (projected if p.ndim == 2 and name.split(".")[-2] in TARGET_MODULES else rest).append(p)
-    return [{"params": rest}, {"params": projected, "rank": rank}]
+    return [{"params": rest, "role": "embeddings", "lr_scale": embedding_lr_ratio},
+            {"params": projected, "rank": rank, "role": "blocks", "lr_scale": 1.0}]
 
 
 def child(spec: dict) -> dict:
@@ -249,6 +235,8 @@ def child(spec: dict) -> dict:
             super()._prepare(model, old_optimizer)
             if peer in ("galore", "apollo"):
                 self.optimizer = peer_optimizer(peer, self.unwrapped, self.recipe, hidden, cycle)
+            if spec.get("role_scales"):
+                self.optimizer = role_optimizer(self.unwrapped, self.recipe, spec["role_scales"], self.device.type)
 
         def switch_to_relora(self):
             if peer != "peft":
@@ -309,6 +297,25 @@ def child(spec: dict) -> dict:
             "state_bytes": state}
 
 
+def role_optimizer(model, recipe, scales: dict[str, float], device_type: str):
+    """The recipe's optimizer with the LM head in a group of its own and each role at its multiple of the rate
+    (scales: "embeddings", "head", "norms"; 1 for any not named)."""
+    from qrelora.optim import OPTIMIZERS, param_groups, resolve_optimizer_name
+
+    head = {id(p) for p in model.get_output_embeddings().parameters()}
+    groups = []
+    for g in param_groups(model, recipe.optim.weight_decay):
+        parts = {g["role"]: [p for p in g["params"] if id(p) not in head]}
+        if g["role"] == "embeddings":
+            parts["head"] = [p for p in g["params"] if id(p) in head]
+        for role, params in parts.items():
+            if params:
+                groups.append(g | {"params": params, "role": role, "lr_scale": scales.get(role, 1.0)})
+    o = recipe.optim
+    return OPTIMIZERS[resolve_optimizer_name(o, device_type)].build(groups, lr=recipe.training.lr, betas=tuple(o.betas),
+                                                                    eps=o.eps)
+
+
 def peer_optimizer(peer: str, model, recipe, hidden: int, cycle: int):
     """GaLore: rank hidden/4, scale 0.25, projection renewed every `cycle` steps (the paper's 60M setting is
     rank 128 at hidden 512, scale 0.25, every 200 of 10K steps). APOLLO: its paper's default (random
@@ -316,7 +323,7 @@ def peer_optimizer(peer: str, model, recipe, hidden: int, cycle: int):
     follow the run's schedule, which the trainer sets on every group at every step (methods() gives them 10x
     the full-rank rate, as their papers do), with the recipe's betas, eps and weight decay."""
     o = recipe.optim
-    groups = peer_groups(model, rank=max(1, hidden // 4))
+    groups = peer_groups(model, rank=max(1, hidden // 4), embedding_lr_ratio=recipe.training.embedding_lr_ratio)
     kwargs = dict(lr=recipe.training.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if peer == "galore":
         from galore_torch import GaLoreAdamW
@@ -346,41 +353,92 @@ def optimizer_tensors(optimizer):
 # The benchmark
 
 
-def run_one(method: Method, seed: int, recipe: str, overrides: list[str], tmp: Path) -> dict:
+def source_digest() -> str:
+    """A digest of the package's sources: a cached run counts only for the code that made it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "qrelora").rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(method: Method, seed: int, recipe: str, overrides: list[str], tmp: Path, lr: float | None = None,
+            cache: bool = True) -> dict:
+    """Train one method in its own process (or read the result of the same run, same sources, from the run cache
+    under ~/.cache/qrelora/bench/runs: a long benchmark that stops can be started again)."""
+    import hashlib
+
+    from qrelora.data import cache_dir
+
     out = tmp / f"{len(list(tmp.iterdir()))}.json"
-    spec = {"recipe": recipe, "peer": method.peer,
-            "overrides": [*overrides, *method.overrides, f"--training.seed={seed}",
-                          f"--run.output_dir={tmp / out.stem}", "--checkpoint.every=0"]}
+    rate = [f"--training.lr={lr:g}"] if lr is not None else []
+    spec = {"recipe": recipe, "peer": method.peer, "role_scales": method.role_scales,
+            "overrides": [*overrides, *method.overrides, *rate, f"--training.seed={seed}", "--checkpoint.every=0"]}
+    key = hashlib.sha256(json.dumps([spec, Path(recipe).read_text(), source_digest()]).encode()).hexdigest()[:20]
+    cached = cache_dir() / "bench" / "runs" / f"{key}.json"
+    if cache and cached.is_file():
+        return json.loads(cached.read_text()) | {"cached": True}
+    spec["overrides"].append(f"--run.output_dir={tmp / out.stem}")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--out", str(out)],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        print(f"{method.name} (seed {seed}) failed:\n" + "\n".join(lines[-15:]), file=sys.stderr)
+        print(f"{method.name} (seed {seed}{f', lr {lr:g}' if lr else ''}) failed:\n" + "\n".join(lines[-15:]),
+              file=sys.stderr)
         return {"failed": lines[-1] if lines else f"exit code {proc.returncode}"}
     result = json.loads(out.read_text())
     result["process_s"] = time.perf_counter() - t0
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result))
     return result
+
+
+def loss_of(r: dict) -> float:
+    """A run's final eval loss; a failed run (diverged, or refused at that rate) counts as the worst."""
+    return math.inf if "failed" in r else r["eval_loss"]
+
+
+def tune(m: Method, center: float, run) -> tuple[float, dict[float, dict]]:
+    """(best rate, {rate: result}): rates 2x apart from center/2 to 2 center, extended by factors of 2 while the
+    best is at an end (at most seven rates)."""
+    grid = {rate: run(m, rate) for rate in (center / 2, center, 2 * center)}
+    while len(grid) < 7:
+        best = min(grid, key=lambda rate: loss_of(grid[rate]))
+        if best == min(grid):
+            grid[best / 2] = run(m, best / 2)
+        elif best == max(grid) and not math.isinf(loss_of(grid[best])):
+            grid[best * 2] = run(m, best * 2)
+        else:
+            break
+    return min(grid, key=lambda rate: loss_of(grid[rate])), dict(sorted(grid.items()))
 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def methods_table(rows: list[tuple[str, dict]]) -> list[str]:
-    ref = dict(rows).get("full-rank AdamW")
-    ref = None if ref is None or "failed" in ref else ref
-    table = ["| method | eval loss | perplexity | ppl vs full-rank | tokens/s vs full-rank | peak memory | "
-             "trainable state | wall |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows:
-        if "failed" in r:
-            table.append(f"| {name} | failed: {r['failed'][:120]} | | | | | | |")
+def methods_table(results: dict[str, list[dict]], best: dict[str, float], tuned: bool) -> list[str]:
+    """One row per method at its rate: eval loss (the mean over its seeds), perplexity and tokens/s against
+    full-rank AdamW's, peak memory and trainable state."""
+    ref = results.get("full-rank AdamW", [{"failed": ""}])
+    ref_ok = [r for r in ref if "failed" not in r]
+    ref_loss = sum(r["eval_loss"] for r in ref_ok) / len(ref_ok) if ref_ok else None
+    table = ["| method | learning rate | eval loss | seeds | ppl vs full-rank | tokens/s vs full-rank | peak memory | "
+             "trainable state |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        ok = [r for r in rs if "failed" not in r]
+        if not ok:
+            table.append(f"| {name} | {best[name]:g} | failed: {rs[0]['failed'][:120]} | | | | | |")
             continue
-        ppl = math.exp(r["eval_loss"])
-        vs_ppl = f"{ppl / math.exp(ref['eval_loss']) - 1:+.1%}" if ref else "-"
-        vs_speed = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        table.append(f"| {name} | {r['eval_loss']:.4f} | {ppl:.2f} | {vs_ppl} | {vs_speed} | {mib(r['peak_bytes'])} | "
-                     f"{mib(r['state_bytes'])} | {r['wall_s']:.0f} s |")
+        loss = sum(r["eval_loss"] for r in ok) / len(ok)
+        seeds = " / ".join(f"{r['eval_loss']:.4f}" for r in ok) if len(ok) > 1 else "1"
+        vs_ppl = f"{math.exp(loss - ref_loss) - 1:+.1%}" if ref_loss is not None else "-"
+        vs_speed = f"{ok[0]['tokens_per_s'] / ref_ok[0]['tokens_per_s']:.2f}x" if ref_ok else "-"
+        rate = f"{best[name]:g}" + ("" if tuned else " (recipe)")
+        table.append(f"| {name} | {rate} | {loss:.4f} | {seeds} | {vs_ppl} | {vs_speed} | {mib(ok[0]['peak_bytes'])} | "
+                     f"{mib(ok[0]['state_bytes'])} |")
     return table
 
 
@@ -423,105 +481,116 @@ def plot(rows: list[tuple[str, dict]], path: Path, title: str) -> bool:
     return True
 
 
+def model_share(recipe) -> tuple[int, float]:
+    """(parameters, share of them in the decoder blocks rather than the embeddings and LM head) of the recipe's
+    model with its tokenizer's vocabulary."""
+    from qrelora.data import load_tokenizer
+    from qrelora.models import build_model
+
+    model = build_model(recipe.model, vocab_size=len(load_tokenizer(recipe.data.tokenizer)),
+                        seq_len=recipe.data.seq_len, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    outside = sum(p.numel() for p in model.model.embed_tokens.parameters()) + sum(
+        p.numel() for p in model.lm_head.parameters())
+    return total, 1 - outside / total
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     scale = ap.add_mutually_exclusive_group()
-    scale.add_argument("--quick", action="store_true", help="a 2-layer model for 30 steps: a smoke run (~4 min)")
+    scale.add_argument("--quick", action="store_true", help="a 2-layer model for 30 steps: a smoke run")
+    scale.add_argument("--tiny", action="store_true",
+                       help="the earlier benchmark's model: the tiny preset with the 8,192-entry sample tokenizer")
     scale.add_argument("--gpu", action="store_true", help="the 60M preset on CUDA")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--sweep", action="store_true", help="vary ReLoRA's levers one at a time instead")
     mode.add_argument("--merges", action="store_true",
                       help="NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges instead")
-    mode.add_argument("--pretrained", action="store_true",
-                      help="continued pre-training of a model pre-trained here: each storage, zero and residual starts")
-    ap.add_argument("--start-only", action="store_true",
-                    help="with --pretrained: only the step-0 cost of storage, over alternations, rank, block size")
+    mode.add_argument("--embedding", action="store_true",
+                      help="full-rank AdamW with the embeddings, head and norms at several rates, and one at a time")
     ap.add_argument("--only", nargs="*", help="run only the methods whose name contains one of these (the "
                     "ratios to full-rank need \"full-rank AdamW\" among them)")
-    ap.add_argument("--one-seed", action="store_true", help="skip the second-seed runs")
-    ap.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                    help="run every method with these seeds (default: seed 0, and seed 1 too for full-rank AdamW, "
-                         "our LoRA and ReLoRA NF4 exact)")
+    ap.add_argument("--no-tune", action="store_true", help="every method at the recipe's rate (no grid)")
+    ap.add_argument("--one-seed", action="store_true", help="one seed for every method")
+    ap.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="run every method with these seeds")
+    ap.add_argument("--no-cache", action="store_true", help="train every run again instead of reading the run cache")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
-    args, overrides = ap.parse_known_args()
+    args, user = ap.parse_known_args()
     if args.child:
         Path(args.out).write_text(json.dumps(child(json.loads(args.child))))
         return
 
     from qrelora.cli import quiet_dependencies
     from qrelora.recipe import load_recipe
-    from qrelora.models import model_dims
 
     quiet_dependencies()
-    scale = "quick" if args.quick else "gpu" if args.gpu else "default"
+    scale = "quick" if args.quick else "gpu" if args.gpu else "tiny" if args.tiny else "default"
     recipe_path, scale_overrides = SCALES[scale]
     recipe_path = str(ROOT / recipe_path)
-    user = overrides
-    if args.pretrained:
-        return main_pretrained(args, scale, recipe_path, scale_overrides, user)
-    # In a sweep or a merge count only the final loss counts: evaluate at the start and the end.
-    finals_only = args.sweep or args.merges
+    # In a sweep, a merge count or the embedding study only the final loss counts: evaluate at start and end.
+    finals_only = args.sweep or args.merges or args.embedding
     overrides = [*scale_overrides, *(["--training.eval_every=0"] if finals_only else []), *user]
     base = load_recipe(recipe_path, overrides)
-    todo = sweep(base) if args.sweep else merge_counts(base) if args.merges else methods(base)
+    todo = (sweep(base) if args.sweep else merge_counts(base) if args.merges else embedding_rates(base)
+            if args.embedding else methods(base))
     if args.only:
         todo = [m for m in todo if any(o in m.name for o in args.only)]
+    tuned = not (finals_only or args.no_tune)
 
-    rows, seeds = [], {}
+    best: dict[str, float] = {}
+    grids: dict[str, dict[float, dict]] = {}
+    results: dict[str, list[dict]] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for m in todo:
-            run_seeds = args.seeds or ((0, 1) if m.second_seed and not (finals_only or args.one_seed) else (0,))
-            for seed in run_seeds:
-                r = run_one(m, seed, recipe_path, overrides, Path(tmp))
-                if seed == run_seeds[0]:
-                    rows.append((m.name, r))
-                if "failed" in r:
-                    break
-                seeds.setdefault(m.name, []).append(r["eval_loss"])
-                print(f"{m.name:40s} seed {seed}  eval loss {r['eval_loss']:.4f}  {r['tokens_per_s']:8.0f} tok/s  "
-                      f"peak {mib(r['peak_bytes']):>10s}  state {mib(r['state_bytes']):>10s}  "
-                      f"{r['process_s']:.0f} s", flush=True)
-    total_min = (time.perf_counter() - started) / 60
+        def run(m: Method, rate: float, seed: int) -> dict:
+            r = run_one(m, seed, recipe_path, overrides, Path(tmp), lr=rate, cache=not args.no_cache)
+            what = f"{m.name:40s} lr {rate:<8.3g} seed {seed}"
+            if "failed" in r:
+                print(f"{what}  failed", flush=True)
+            else:
+                took = "(cached)" if r.get("cached") else f"{r['process_s']:.0f} s"
+                print(f"{what}  eval loss {r['eval_loss']:.4f}  {r['tokens_per_s']:8.0f} tok/s  {took}", flush=True)
+            return r
 
-    b, rl = base.training, base.relora
-    first_seed = args.seeds[0] if args.seeds else 0
-    dims = model_dims(base.model)
-    restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
-    everies = merge_cycles(base) if args.merges else [rl.restart_every]
-    setting = (f"{base.model.preset} model ({dims.hidden_size} hidden, {dims.num_layers} layers), "
-               f"{b.steps} steps of {base.tokens_per_step:,} tokens, lr {b.lr:g}, seed {first_seed}; adapter methods: "
-               f"full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
-               f"at {rl.lr_ratio:g}x the learning rate; ReLoRA merges every {' / '.join(map(str, everies))} steps "
-               f"(re-warm-up {rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; "
-               f"{restarting}). " +
-               ("" if finals_only else f"GaLore / APOLLO: lr {10 * b.lr:g}, rank {max(1, dims.hidden_size // 4)}, "
-                                      f"projection renewed every {rl.restart_every} steps. ") +
-               f"Eval: {base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min.")
-    table = methods_table(rows)
-    body = [setting, "", *table]
+        for m in todo:
+            grid = None
+            if tuned and m.tune is not None:
+                rate, grid = tune(m, base.training.lr * m.tune, lambda mm, r: run(mm, r, 0))
+                grids[m.name] = grid
+            else:
+                rate = best.get(m.family, base.training.lr * (m.tune or 1.0))
+            best[m.name] = rate
+            seeds = args.seeds or (list(range(m.seeds)) if tuned and not args.one_seed else [0])
+            results[m.name] = [grid[rate] if grid is not None and seed == 0 else run(m, rate, seed) for seed in seeds]
+    total_min = (time.perf_counter() - started) / 60
+    body = [setting_text(base, scale, total_min, tuned, args), "", *methods_table(results, best, tuned)]
+    if grids:
+        body += ["", "Learning-rate grids (eval loss at each rate, seed 0; the best in bold):", "", *grid_table(grids)]
+    seeds = {name: [r["eval_loss"] for r in rs if "failed" not in r] for name, rs in results.items()}
+    spread, noise = spread_table(seeds)
+    if len(spread) > 2:
+        body += ["", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "", *spread]
+    partial = [*user, *(["only", *args.only] if args.only else []),
+               *(["seeds", *map(str, args.seeds)] if args.seeds else [])]
     if not finals_only:
-        spread, noise = spread_table(seeds)
-        if len(spread) > 2:  # some method ran with more than one seed
-            body += ["", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "", *spread]
-        partial = [*user, *(["only", *args.only] if args.only else []),
-                   *(["seeds", *map(str, args.seeds)] if args.seeds else [])]
         slug = re.sub(r"[^a-z0-9]+", "_", " ".join(partial).lower()).strip("_")
         png = Path(args.results).parent / f"methods_{scale}{'_' + slug if slug else ''}.png"
-        if plot(rows, png, f"Eval loss, {scale} benchmark ({b.steps} steps, seed {first_seed})"):
+        if plot([(name, rs[0]) for name, rs in results.items()], png,
+                f"Eval loss, {scale} benchmark ({base.training.steps} steps, each method at its rate, seed 0)"):
             body += ["", f"Curves: [{png.name}]({png.name})"]
     print("\n".join(body))
-    what = "ReLoRA lever sweep" if args.sweep else "Merge count" if args.merges else "Methods benchmark"
+    what = ("ReLoRA lever sweep" if args.sweep else "Merge count" if args.merges else "Embedding rate" if args.embedding
+            else "Methods benchmark")
     # A partial run (--only, --seeds, overrides) gets its own section instead of replacing the full table.
     heading = f"{what} ({scale})" + (f", {' '.join(user)}" if user else "") + \
         (f", only {' / '.join(args.only)}" if args.only else "") + \
-        (f", seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-    command = "python tools/bench_methods.py" + {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + \
-        (" --sweep" if args.sweep else " --merges" if args.merges else "") + "".join(f" {o}" for o in user) + \
-        (" --only " + " ".join(repr(o) for o in args.only) if args.only else "") + \
-        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "")
+        (f", seeds {' '.join(map(str, args.seeds))}" if args.seeds else "") + (", no tuning" if args.no_tune else "")
+    command = "python tools/bench_methods.py" + {"quick": " --quick", "gpu": " --gpu", "tiny": " --tiny"}.get(scale, "") + \
+        (" --sweep" if args.sweep else " --merges" if args.merges else " --embedding" if args.embedding else "") + \
+        "".join(f" {o}" for o in user) + (" --only " + " ".join(repr(o) for o in args.only) if args.only else "") + \
+        (" --seeds " + " ".join(map(str, args.seeds)) if args.seeds else "") + (" --no-tune" if args.no_tune else "")
     import torch
 
     machine = (torch.cuda.get_device_name() if scale == "gpu" and torch.cuda.is_available() else
@@ -529,96 +598,35 @@ def main():
     record(Path(args.results), heading, command, machine, body)
 
 
-# Continued pre-training: ReLoRA from step 0 in two cycles at a rate below the pre-training's, every method alike.
-CONTINUED = ["--relora.warm_start_steps=0", "--relora.restart_every=0.5", "--relora.lr_ratio=1",
-             "--training.warmup_steps=0.05", "--data.tokenizer=init_from"]
-CONTINUED_STEPS = {"default": ["--training.steps=200", "--training.lr=1e-3"],
-                   "quick": ["--training.steps=20", "--training.lr=1e-3"],
-                   "gpu": ["--training.steps=200", "--training.lr=3e-4"]}
+def setting_text(base, scale: str, total_min: float, tuned: bool, args) -> str:
+    from qrelora.models import model_dims
 
-
-def main_pretrained(args, scale: str, recipe_path: str, scale_overrides: list[str], user: list[str]) -> None:
-    from qrelora.recipe import load_recipe
-
-    model, rest = pretrained_model(recipe_path, scale_overrides)
-    shape_free = [o for o in scale_overrides if not o.startswith("--model.")]  # the model is the pre-trained one
-    overrides = [*shape_free, *CONTINUED, *CONTINUED_STEPS[scale], f"--model.init_from={model}",
-                 f"--data.dataset={rest}", *user]
-    if args.start_only:  # two steps: the step-0 evaluation is all that is read
-        overrides += ["--training.steps=2", "--relora.restart_every=2", "--training.warmup_steps=1"]
-    base = load_recipe(recipe_path, overrides)
-    todo = start_grid(base) if args.start_only else continued(base)
-    if args.only:
-        todo = [m for m in todo if any(o in m.name for o in args.only)]
-    rows, seeds, started = [], {}, time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        for m in todo:
-            run_seeds = args.seeds or ((0, 1, 2) if m.second_seed and not (args.one_seed or args.start_only) else (0,))
-            losses = []
-            for seed in run_seeds:
-                r = run_one(m, seed, recipe_path, overrides, Path(tmp))
-                if "failed" in r:
-                    losses.append(r)
-                    break
-                losses.append(r)
-                print(f"{m.name:36s} seed {seed}  step 0 {r['curve'][0][1]:.4f}  end {r['eval_loss']:.4f}  "
-                      f"{r['process_s']:.0f} s", flush=True)
-            rows.append((m.name, losses))
-            seeds[m.name] = [r["eval_loss"] for r in losses if "failed" not in r]
-    total_min = (time.perf_counter() - started) / 60
-    if args.start_only:
-        return record_start_grid(args, scale, user, base, rows, total_min)
-    ref = next((rs for name, rs in rows if name == "ReLoRA, 16-bit base"), None)
-    ref_loss = sum(r["eval_loss"] for r in ref) / len(ref) if ref and "failed" not in ref[0] else None
-    table = ["| method | eval loss, model as read | step 0, as stored | end (mean of seeds) | seeds | perplexity vs "
-             "16-bit base at the end |", "|---|---|---|---|---|---|"]
-    for name, results in rows:
-        if "failed" in results[-1]:
-            table.append(f"| {name} | failed: {results[-1]['failed'][:120]} | | | | |")
-            continue
-        first = results[0]
-        own = first["unquantized_loss"]
-        end = sum(r["eval_loss"] for r in results) / len(results)
-        vs = f"{math.exp(end - ref_loss) - 1:+.1%}" if ref_loss is not None else "-"
-        by_seed = " / ".join(f"{r['eval_loss']:.4f}" for r in results)
-        own_text = "" if own is None else f"{own:.4f}"
-        table.append(f"| {name} | {own_text} | {first['curve'][0][1]:.4f} | {end:.4f} | {by_seed} | {vs} |")
     b, rl = base.training, base.relora
-    setting = (f"A {load_recipe(recipe_path, scale_overrides).model.preset}-shaped model pre-trained full-rank for "
-               f"{PRETRAIN_STEPS} steps on the even-numbered works of the sample corpus, continued on the odd-numbered "
-               f"ones: {b.steps} steps of {base.tokens_per_step:,} tokens at lr {b.lr:g}; ReLoRA from step 0, rank "
-               f"{rl.rank} (alpha {rl.alpha:g}), {b.steps // rl.restart_every} cycles, residual starts with "
-               f"{rl.init_iterations} alternation(s). Eval: {base.data.eval_tokens:,} held-out tokens of the continued-on "
-               f"works. The whole run took {total_min:.0f} min.")
-    spread, noise = spread_table(seeds)
-    body = [setting, "", *table, "", f"Seed spread (the noise a difference must beat: {noise:.4f} in eval loss):", "",
-            *spread]
-    print("\n".join(body))
-    heading = f"Continued pre-training ({scale})" + (f", {' '.join(user)}" if user else "") + \
-        (f", only {' / '.join(args.only)}" if args.only else "")
-    command = "python tools/bench_methods.py --pretrained" + {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + \
-        "".join(f" {o}" for o in user) + (" --only " + " ".join(repr(o) for o in args.only) if args.only else "")
-    record(Path(args.results), heading, command, f"CPU ({platform.machine()}, {os.cpu_count()} cores)", body)
+    dims = model_dims(base.model)
+    total, share = model_share(base)
+    restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
+    everies = merge_cycles(base) if args.merges else [rl.restart_every]
+    rates = ("each method at the best of its learning-rate grid (below)" if tuned else f"lr {b.lr:g}")
+    return (f"{base.model.preset} model: {dims.hidden_size} hidden, {dims.num_layers} layers, "
+            f"{total / 1e6:.2f}M parameters, {share:.0%} of them in the blocks (tokenizer {base.data.tokenizer}). "
+            f"{b.steps} steps of {base.tokens_per_step:,} tokens ({b.steps * base.tokens_per_step / 1e6:.2f}M tokens), "
+            f"{rates}; embeddings, head and norms at {b.embedding_lr_ratio:g}x the rate in every method. Adapter "
+            f"methods: full-rank warm start for {rl.warm_start_steps} steps, then rank {rl.rank} (alpha {rl.alpha:g}) "
+            f"at {rl.lr_ratio:g}x the rate; ReLoRA merges every {' / '.join(map(str, everies))} steps (re-warm-up "
+            f"{rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; {restarting}). GaLore / APOLLO: rank "
+            f"{max(1, dims.hidden_size // 4)}, projection renewed every {rl.restart_every} steps. Eval: "
+            f"{base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min (cached runs "
+            "included at no cost).")
 
 
-def record_start_grid(args, scale, user, base, rows, total_min) -> None:
-    table = ["| storage and start | eval loss, model as read | as stored at step 0 | cost (nats) |", "|---|---|---|---|"]
-    for name, results in rows:
-        r = results[-1]
-        if "failed" in r:
-            table.append(f"| {name} | failed: {r['failed'][:120]} | | |")
-            continue
-        own, stored = r["unquantized_loss"], r["curve"][0][1]
-        table.append(f"| {name} | {own:.4f} | {stored:.4f} | {stored - own:+.4f} |")
-    setting = (f"The continued-pre-training benchmark's model ({PRETRAIN_STEPS} pre-training steps), evaluated at "
-               f"step 0 on {base.data.eval_tokens:,} held-out tokens of the works it continues on, as read and as "
-               f"stored; rank {base.relora.rank} unless named. The whole run took {total_min:.0f} min.")
-    body = [setting, "", *table]
-    print("\n".join(body))
-    heading = f"Cost of storage at step 0, continued pre-training ({scale})" + (f", {' '.join(user)}" if user else "")
-    command = "python tools/bench_methods.py --pretrained --start-only" + \
-        {"quick": " --quick", "gpu": " --gpu"}.get(scale, "") + "".join(f" {o}" for o in user)
-    record(Path(args.results), heading, command, f"CPU ({platform.machine()}, {os.cpu_count()} cores)", body)
+def grid_table(grids: dict[str, dict[float, dict]]) -> list[str]:
+    table = ["| method | learning rate: eval loss |", "|---|---|"]
+    for name, grid in grids.items():
+        best = min(grid, key=lambda rate: loss_of(grid[rate]))
+        cells = [(f"**{rate:g}: {loss_of(r):.4f}**" if rate == best else f"{rate:g}: "
+                  + ("failed" if "failed" in r else f"{r['eval_loss']:.4f}")) for rate, r in grid.items()]
+        table.append(f"| {name} | {' / '.join(cells)} |")
+    return table
 
 
 if __name__ == "__main__":
