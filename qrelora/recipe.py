@@ -112,7 +112,8 @@ def validate(r: Recipe) -> list[str]:
     need(t.grad_accum >= 1, "training", "grad_accum", "must be >= 1")
     need(0 < t.lr <= 1, "training", "lr", "must be in (0, 1]")
     need(0 <= t.min_lr_ratio <= 1, "training", "min_lr_ratio", "must be in [0, 1]")
-    need(0 < t.embedding_lr_ratio <= 100 and t.embedding_lr_ratio * t.lr <= 1, "training", "embedding_lr_ratio",
+    need(0 < t.embedding_lr_ratio <= 100 and (t.embedding_lr_ratio * t.lr <= 1 or not 0 < t.lr <= 1), "training",
+         "embedding_lr_ratio",
          f"must be in (0, 100] with embedding_lr_ratio * lr <= 1 (lr = {t.lr:g})")
     need(0 <= t.warmup_steps < t.steps, "training", "warmup_steps", f"must be in [0, steps) (steps = {t.steps})")
     need(t.grad_clip >= 0, "training", "grad_clip", "must be >= 0 (0 disables clipping)")

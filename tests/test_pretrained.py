@@ -59,7 +59,7 @@ def test_a_pretrained_checkpoint_trains_resumes_evaluates_and_exports(tmp_path, 
         for trainer in (whole, resumed):
             m = trainer.unwrapped
             assert m.lm_head.weight is m.model.embed_tokens.weight
-            assert sum(p is m.lm_head.weight for p in trainer.optimizer.param_groups[0]["params"]) == 1
+            assert sum(p is m.lm_head.weight for g in trainer.optimizer.param_groups for p in g["params"]) == 1
 
     checkpoint = tmp_path / "a" / "checkpoints" / "step_00000008"
     assert main(["eval", str(checkpoint), "--json"]) == 0

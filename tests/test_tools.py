@@ -109,11 +109,11 @@ def test_merge_count_mode_shortens_the_cycles_of_the_same_relora_phase():
     base = load_recipe(ROOT / recipe, overrides)
     runs = {m.name: m.overrides for m in bench_methods.merge_counts(base)}
     assert len(runs) == 9 and runs["ReLoRA, NF4 naive, 8 merges"] == ["--quant.bits=4", "--quant.merge=naive",
-                                                                      "--relora.restart_every=25"]
-    for name, o in runs.items():  # each run keeps the 100-step warm start: 300 steps = 100 + merges x cycle
+                                                                      "--relora.restart_every=75"]
+    for name, o in runs.items():  # each run keeps the 300-step warm start: 900 steps = 300 + merges x cycle
         every = int(o[-1].split("=")[1])
         merges = int(name.split(", ")[-1].split()[0])
-        assert load_recipe(ROOT / recipe, [*overrides, *o]).relora.warm_start_steps == 100 == 300 - merges * every
+        assert load_recipe(ROOT / recipe, [*overrides, *o]).relora.warm_start_steps == 300 == 900 - merges * every
 
 
 def test_gpu_check_refuses_without_its_prepared_files(tmp_path):

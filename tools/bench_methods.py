@@ -32,8 +32,8 @@ stops picks up where it was; --no-cache trains everything again.
 --sweep trains ReLoRA NF4 exact with one lever changed at a time from the recipe's settings (learning rate ratio,
 warm start, cycle length, re-warm-up, reset, alpha, which rates restart, the embeddings' rate), next to full-rank
 AdamW and LoRA. --merges trains NF4 exact, NF4 naive and the 16-bit base with 1x, 2x and 4x the recipe's merges.
---embedding trains full-rank AdamW with the embeddings, head and norms at 1x to 30x, then the multiple on each of
-them alone and the embeddings and head at different multiples.
+--embedding trains full-rank AdamW with the embeddings, head and norms at 1x to 100x, then the best of those
+multiples on each of them alone, and on the embeddings and the head a factor of 3 apart.
 
 tools/bench_continued.py is the continued-pre-training benchmark (a model pre-trained here, continued on other
 text with each storage and adapter start).
@@ -107,20 +107,26 @@ def methods(base) -> list[Method]:
     ]
 
 
-def embedding_rates(base) -> list[Method]:
+EMBEDDING_MULTIPLES = (1, 3, 10, 30, 100)  # 100: the most the recipe check allows
+
+
+def embedding_rates() -> list[Method]:
     """Full-rank AdamW at the recipe's rate with the embeddings, head and norms at several multiples of it
-    (training.embedding_lr_ratio), then the multiple on one of them at a time and the embeddings and head at
-    different multiples (the child's role_scales), to find which carries the effect."""
+    (training.embedding_lr_ratio)."""
     full = ["--relora.enabled=false", "--optim.name=adamw"]
-    r = base.training.embedding_lr_ratio
-    rows = [Method(f"embeddings, head and norms at {x:g}x", [*full, f"--training.embedding_lr_ratio={x:g}"])
-            for x in (1, 3, 10, 30)]
-    split = {"only the embeddings": {"embeddings": r}, "only the head": {"head": r}, "only the norms": {"norms": r},
+    return [Method(f"embeddings, head and norms at {x:g}x", [*full, f"--training.embedding_lr_ratio={x:g}"])
+            for x in EMBEDDING_MULTIPLES]
+
+
+def embedding_splits(r: float) -> list[Method]:
+    """At the best multiple r of embedding_rates: r on one role at a time, and the embeddings and the head at
+    different multiples (the child's role_scales), to find which parameters carry the effect."""
+    full = ["--relora.enabled=false", "--optim.name=adamw"]
+    split = {f"only the embeddings at {r:g}x": {"embeddings": r}, f"only the head at {r:g}x": {"head": r},
+             f"only the norms at {r:g}x": {"norms": r},
              f"embeddings {r:g}x, head {r / 3:.3g}x, norms {r:g}x": {"embeddings": r, "head": r / 3, "norms": r},
-             f"embeddings {r / 3:.3g}x, head {r:g}x, norms {r:g}x": {"embeddings": r / 3, "head": r, "norms": r},
-             f"embeddings {3 * r:g}x, head {r:g}x, norms {r:g}x": {"embeddings": 3 * r, "head": r, "norms": r},
-             f"embeddings {r:g}x, head {3 * r:g}x, norms {r:g}x": {"embeddings": r, "head": 3 * r, "norms": r}}
-    return rows + [Method(name, full, role_scales=scales) for name, scales in split.items()]
+             f"embeddings {r / 3:.3g}x, head {r:g}x, norms {r:g}x": {"embeddings": r / 3, "head": r, "norms": r}}
+    return [Method(name, full, role_scales=scales) for name, scales in split.items()]
 
 
 def sweep(base) -> list[Method]:
@@ -419,13 +425,14 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def methods_table(results: dict[str, list[dict]], best: dict[str, float], tuned: bool) -> list[str]:
+def methods_table(results: dict[str, list[dict]], best: dict[str, float], tuned: bool,
+                  ref_name: str = "full-rank AdamW", ref_label: str = "full-rank") -> list[str]:
     """One row per method at its rate: eval loss (the mean over its seeds), perplexity and tokens/s against
-    full-rank AdamW's, peak memory and trainable state."""
-    ref = results.get("full-rank AdamW", [{"failed": ""}])
+    the reference method's (full-rank AdamW), peak memory and trainable state."""
+    ref = results.get(ref_name, [{"failed": ""}])
     ref_ok = [r for r in ref if "failed" not in r]
     ref_loss = sum(r["eval_loss"] for r in ref_ok) / len(ref_ok) if ref_ok else None
-    table = ["| method | learning rate | eval loss | seeds | ppl vs full-rank | tokens/s vs full-rank | peak memory | "
+    table = [f"| method | learning rate | eval loss | seeds | ppl vs {ref_label} | tokens/s vs {ref_label} | peak memory | "
              "trainable state |", "|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         ok = [r for r in rs if "failed" not in r]
@@ -533,10 +540,13 @@ def main():
     finals_only = args.sweep or args.merges or args.embedding
     overrides = [*scale_overrides, *(["--training.eval_every=0"] if finals_only else []), *user]
     base = load_recipe(recipe_path, overrides)
-    todo = (sweep(base) if args.sweep else merge_counts(base) if args.merges else embedding_rates(base)
+    todo = (sweep(base) if args.sweep else merge_counts(base) if args.merges else embedding_rates()
             if args.embedding else methods(base))
-    if args.only:
-        todo = [m for m in todo if any(o in m.name for o in args.only)]
+
+    def chosen(ms: list[Method]) -> list[Method]:
+        return [m for m in ms if any(o in m.name for o in args.only)] if args.only else ms
+
+    todo = chosen(todo)
     tuned = not (finals_only or args.no_tune)
 
     best: dict[str, float] = {}
@@ -564,8 +574,15 @@ def main():
             best[m.name] = rate
             seeds = args.seeds or (list(range(m.seeds)) if tuned and not args.one_seed else [0])
             results[m.name] = [grid[rate] if grid is not None and seed == 0 else run(m, rate, seed) for seed in seeds]
+            if args.embedding and m is todo[-1] and m.role_scales is None:
+                # the multiples are done: split the best of them by role (appended, so this loop runs them too)
+                done = {x: results.get(f"embeddings, head and norms at {x:g}x") for x in EMBEDDING_MULTIPLES}
+                done = {x: rs[0] for x, rs in done.items() if rs}
+                if done:
+                    todo.extend(chosen(embedding_splits(min(done, key=lambda x: loss_of(done[x])))))
     total_min = (time.perf_counter() - started) / 60
-    body = [setting_text(base, scale, total_min, tuned, args), "", *methods_table(results, best, tuned)]
+    ref = ("embeddings, head and norms at 1x", "1x") if args.embedding else ("full-rank AdamW", "full-rank")
+    body = [setting_text(base, scale, total_min, tuned, args), "", *methods_table(results, best, tuned, *ref)]
     if grids:
         body += ["", "Learning-rate grids (eval loss at each rate, seed 0; the best in bold):", "", *grid_table(grids)]
     seeds = {name: [r["eval_loss"] for r in rs if "failed" not in r] for name, rs in results.items()}
@@ -607,6 +624,14 @@ def setting_text(base, scale: str, total_min: float, tuned: bool, args) -> str:
     restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
     everies = merge_cycles(base) if args.merges else [rl.restart_every]
     rates = ("each method at the best of its learning-rate grid (below)" if tuned else f"lr {b.lr:g}")
+    if args.embedding:
+        return (f"{base.model.preset} model: {dims.hidden_size} hidden, {dims.num_layers} layers, "
+                f"{total / 1e6:.2f}M parameters, {share:.0%} of them in the blocks (tokenizer {base.data.tokenizer}). "
+                f"Full-rank AdamW, {b.steps} steps of {base.tokens_per_step:,} tokens "
+                f"({b.steps * base.tokens_per_step / 1e6:.2f}M tokens) at lr {b.lr:g}; the embeddings, LM head and "
+                "norms at the multiple of it named (the rest at 1x). Eval: "
+                f"{base.data.eval_tokens:,} held-out tokens. The whole run took {total_min:.0f} min (cached runs "
+                "included at no cost).")
     return (f"{base.model.preset} model: {dims.hidden_size} hidden, {dims.num_layers} layers, "
             f"{total / 1e6:.2f}M parameters, {share:.0%} of them in the blocks (tokenizer {base.data.tokenizer}). "
             f"{b.steps} steps of {base.tokens_per_step:,} tokens ({b.steps * base.tokens_per_step / 1e6:.2f}M tokens), "
