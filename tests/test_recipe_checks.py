@@ -165,10 +165,12 @@ def test_tokenizer_larger_than_the_init_from_vocabulary_is_refused(tmp_path, cap
 
 def test_fractions_resolve_to_the_shipped_integers_and_scale_with_steps():
     r = load_recipe(TINY)
-    assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (50, 200, 200)
+    assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (50, 300, 150)
     r = load_recipe(TINY, ["--training.steps=200"])
-    assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (17, 66, 67)
-    assert (200 - 66) % 67 == 0  # the warm start is placed so that the cycles are whole
+    assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (17, 100, 50)
+    r = load_recipe(TINY, ["--training.steps=210"])
+    assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (17, 104, 53)
+    assert (210 - 104) % 53 == 0  # the warm start is placed so that the cycles are whole
     r = load_recipe(ROOT / "recipes" / "1b3_24gb.toml")
     assert (r.training.warmup_steps, r.relora.warm_start_steps, r.relora.restart_every) == (500, 10000, 5000)
     r = load_recipe(TINY, ["--relora.warm_start_steps=0", "--relora.restart_every=150"])  # integers still work
@@ -181,8 +183,8 @@ def test_resolved_integers_go_to_config_toml_and_resume_compares_them(tmp_path):
     saved.mkdir()
     (saved / "config.toml").write_text(to_toml(r))
     resolved = tomllib.loads(to_toml(r))
-    assert resolved["relora"]["warm_start_steps"] == 66 and resolved["training"]["warmup_steps"] == 17
-    assert "0.3333 of training.steps" in to_toml(r)
+    assert resolved["relora"]["warm_start_steps"] == 100 and resolved["training"]["warmup_steps"] == 17
+    assert "0.5 of training.steps" in to_toml(r)
     checkpoint.check_compatible(saved, load_recipe(TINY, ["--training.steps=200"]))  # same recipe, same integers
     with pytest.raises(checkpoint.CheckpointError, match="warm_start_steps"):
         checkpoint.check_compatible(saved, load_recipe(TINY, ["--training.steps=300"]))
@@ -197,7 +199,7 @@ def test_resolved_integers_go_to_config_toml_and_resume_compares_them(tmp_path):
       "fraction of training.steps (e.g. 0.44)"]),
     (["--relora.warm_start_steps=200", "--training.steps=200"],
      ["warm_start_steps = 200: must be in [0, training.steps)", "as a fraction of training.steps"]),
-    (["--training.steps=20"], ["restart_warmup = 10: must be shorter than a cycle, restart_every = 7 (0.3333 of "
+    (["--training.steps=20"], ["restart_warmup = 10: must be shorter than a cycle, restart_every = 5 (0.25 of "
                                "training.steps = 20); set --relora.restart_warmup=0"]),
     (["--training.steps=4", "--relora.restart_every=2", "--relora.restart_warmup=1", "--relora.warm_start_steps=0",
       "--training.warmup_steps=1"],

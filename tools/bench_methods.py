@@ -157,7 +157,8 @@ def sweep(base) -> list[Method]:
 
 
 def merge_cycles(base) -> list[int]:
-    """Cycle lengths giving the recipe's number of merges, twice and four times it, over the same ReLoRA phase."""
+    """Cycle lengths giving the recipe's number of merges, twice and four times it, over the same ReLoRA phase
+    (to within the few steps that keep the cycles whole)."""
     relora_steps = base.training.steps - base.relora.warm_start_steps
     cycles = relora_steps // base.relora.restart_every
     return [relora_steps // k for k in (cycles, 2 * cycles, 4 * cycles)]
