@@ -557,7 +557,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         def run(m: Method, rate: float, seed: int) -> dict:
             r = run_one(m, seed, recipe_path, overrides, Path(tmp), lr=rate, cache=not args.no_cache)
-            spent.append(r.get("process_s", 0.0))
+            if "failed" not in r:  # a refused run (e.g. a rate the recipe check rejects) costs nothing
+                spent.append(r["process_s"])
             what = f"{m.name:40s} lr {rate:<8.3g} seed {seed}"
             if "failed" in r:
                 print(f"{what}  failed", flush=True)
@@ -621,7 +622,8 @@ def setting_text(base, scale: str, spent: list[float], tuned: bool, args) -> str
 
     b, rl = base.training, base.relora
     dims = model_dims(base.model)
-    total_min = sum(spent) / 60
+    took = (f"The {len(spent)} runs took {sum(spent) / 60:.0f} min in all, one after another (a run read from the "
+            "run cache counts its measured time).")
     total, share = model_share(base)
     restarting = "only the adapters' rate restarting" if rl.jagged == "adapters" else "every rate restarting"
     everies = merge_cycles(base) if args.merges else [rl.restart_every]
@@ -632,8 +634,7 @@ def setting_text(base, scale: str, spent: list[float], tuned: bool, args) -> str
                 f"Full-rank AdamW, {b.steps} steps of {base.tokens_per_step:,} tokens "
                 f"({b.steps * base.tokens_per_step / 1e6:.2f}M tokens) at lr {b.lr:g}; the embeddings, LM head and "
                 "norms at the multiple of it named (the rest at 1x). Eval: "
-                f"{base.data.eval_tokens:,} held-out tokens. The {len(spent)} runs took {total_min:.0f} min "
-                "in all, one after another (a run read from the run cache counts its measured time).")
+                f"{base.data.eval_tokens:,} held-out tokens. {took}")
     return (f"{base.model.preset} model: {dims.hidden_size} hidden, {dims.num_layers} layers, "
             f"{total / 1e6:.2f}M parameters, {share:.0%} of them in the blocks (tokenizer {base.data.tokenizer}). "
             f"{b.steps} steps of {base.tokens_per_step:,} tokens ({b.steps * base.tokens_per_step / 1e6:.2f}M tokens), "
@@ -642,8 +643,7 @@ def setting_text(base, scale: str, spent: list[float], tuned: bool, args) -> str
             f"at {rl.lr_ratio:g}x the rate; ReLoRA merges every {' / '.join(map(str, everies))} steps (re-warm-up "
             f"{rl.restart_warmup}, {rl.reset} reset {rl.reset_ratio:g}; {restarting}). GaLore / APOLLO: rank "
             f"{max(1, dims.hidden_size // 4)}, projection renewed every {rl.restart_every} steps. Eval: "
-            f"{base.data.eval_tokens:,} held-out tokens. The {len(spent)} runs took {total_min:.0f} min "
-            "in all, one after another (a run read from the run cache counts its measured time).")
+            f"{base.data.eval_tokens:,} held-out tokens. {took}")
 
 
 def grid_table(grids: dict[str, dict[float, dict]]) -> list[str]:
