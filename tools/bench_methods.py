@@ -394,7 +394,9 @@ def run_one(method: Method, seed: int, recipe: str, overrides: list[str], tmp: P
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         print(f"{method.name} (seed {seed}{f', lr {lr:g}' if lr else ''}) failed:\n" + "\n".join(lines[-15:]),
               file=sys.stderr)
-        return {"failed": lines[-1] if lines else f"exit code {proc.returncode}"}
+        # A RecipeError is the recipe check refusing the setting (e.g. a rate whose embedding multiple passes 1).
+        return {"failed": lines[-1] if lines else f"exit code {proc.returncode}",
+                "refused": "RecipeError" in proc.stderr}
     result = json.loads(out.read_text())
     result["process_s"] = time.perf_counter() - t0
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -651,7 +653,8 @@ def grid_table(grids: dict[str, dict[float, dict]]) -> list[str]:
     for name, grid in grids.items():
         best = min(grid, key=lambda rate: loss_of(grid[rate]))
         cells = [(f"**{rate:g}: {loss_of(r):.4f}**" if rate == best else f"{rate:g}: "
-                  + ("failed" if "failed" in r else f"{r['eval_loss']:.4f}")) for rate, r in grid.items()]
+                  + (("refused by the recipe check" if r.get("refused") else "failed") if "failed" in r
+                     else f"{r['eval_loss']:.4f}")) for rate, r in grid.items()]
         table.append(f"| {name} | {' / '.join(cells)} |")
     return table
 

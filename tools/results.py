@@ -19,7 +19,7 @@ def record(path: Path, heading: str, command: str, machine: str, body: list[str]
     start = text.find(f"## {heading}\n")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")  # the blank line before the next
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
