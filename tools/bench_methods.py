@@ -396,7 +396,7 @@ def run_one(method: Method, seed: int, recipe: str, overrides: list[str], tmp: P
               file=sys.stderr)
         # A RecipeError is the recipe check refusing the setting (e.g. a rate whose embedding multiple passes 1).
         return {"failed": lines[-1] if lines else f"exit code {proc.returncode}",
-                "refused": "RecipeError" in proc.stderr}
+                "refused": "RecipeError" in proc.stderr, "process_s": time.perf_counter() - t0}
     result = json.loads(out.read_text())
     result["process_s"] = time.perf_counter() - t0
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -559,7 +559,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         def run(m: Method, rate: float, seed: int) -> dict:
             r = run_one(m, seed, recipe_path, overrides, Path(tmp), lr=rate, cache=not args.no_cache)
-            if "failed" not in r:  # a refused run (e.g. a rate the recipe check rejects) costs nothing
+            if not r.get("refused"):  # a run the recipe check refuses costs nothing; one that diverged does
                 spent.append(r["process_s"])
             what = f"{m.name:40s} lr {rate:<8.3g} seed {seed}"
             if "failed" in r:
@@ -648,13 +648,19 @@ def setting_text(base, scale: str, spent: list[float], tuned: bool, args) -> str
             f"{base.data.eval_tokens:,} held-out tokens. {took}")
 
 
+def outcome(r: dict) -> str:
+    """A run's eval loss, or why it has none."""
+    if "failed" not in r:
+        return f"{r['eval_loss']:.4f}"
+    return "refused by the recipe check" if r.get("refused") else "failed"
+
+
 def grid_table(grids: dict[str, dict[float, dict]]) -> list[str]:
     table = ["| method | learning rate: eval loss |", "|---|---|"]
     for name, grid in grids.items():
         best = min(grid, key=lambda rate: loss_of(grid[rate]))
-        cells = [(f"**{rate:g}: {loss_of(r):.4f}**" if rate == best else f"{rate:g}: "
-                  + (("refused by the recipe check" if r.get("refused") else "failed") if "failed" in r
-                     else f"{r['eval_loss']:.4f}")) for rate, r in grid.items()]
+        cells = [f"**{rate:g}: {loss_of(r):.4f}**" if rate == best else f"{rate:g}: {outcome(r)}"
+                 for rate, r in grid.items()]
         table.append(f"| {name} | {' / '.join(cells)} |")
     return table
 
